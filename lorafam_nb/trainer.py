@@ -1,0 +1,278 @@
+"""One training loop for every method: AdamW, LR schedule, accumulation, evaluation, checkpoints.
+
+Methods that change *training* (not only the forward pass) do so through two seams, both supplied by
+the adapter config so that a chapter never edits this loop:
+
+* ``AdapterConfig.param_groups`` — optimizer parameter groups (LoRA+ gives B a larger LR);
+* :class:`Callback` — hooks around each step. ``extra_loss`` adds terms to the loss (AdaLoRA's
+  orthogonality penalty), ``on_after_backward`` sees the gradients (AdaLoRA's sensitivity),
+  ``on_step_end`` runs after the optimizer step (Delta-LoRA's update of W, PeriodicLoRA's unloading).
+
+Auxiliary losses that adapter layers record during forward (MoE load balance, contrastive terms)
+are added to the loss automatically.
+
+Reproducibility: the data order of epoch ``e`` is a permutation drawn from ``seed + e``; a checkpoint
+holds the trainable tensors, optimizer, scheduler, RNG states, callback states and the log, so an
+interrupted run resumed from it ends with the same numbers as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .core import AdapterModel
+from .tasks import EncodedTask, batch_to, collate, evaluate, score_batch
+
+__all__ = ["Callback", "TrainConfig", "Trainer", "TrainResult", "resolve_device", "set_seed"]
+
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 5e-4
+    epochs: float = 1.0
+    max_steps: int | None = None  # optimizer steps; overrides epochs
+    batch_size: int = 16
+    grad_accum: int = 1
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    schedule: str = "linear"
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    eval_every: int | None = None  # optimizer steps between evaluations (None: only at the end)
+    eval_batch_size: int = 32
+    log_every: int = 10
+    checkpoint_dir: str | None = None
+    checkpoint_every: int | None = None
+    device: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        for name in ("lr", "batch_size", "grad_accum"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+class Callback:
+    """Hooks into :class:`Trainer`; override what a method needs. ``trainer`` exposes ``model``,
+    ``optimizer``, ``scheduler``, ``step`` (optimizer steps done), ``total_steps`` and ``config``."""
+
+    def on_train_begin(self, trainer: Trainer) -> None: ...
+
+    def extra_loss(self, trainer: Trainer) -> Tensor | None:
+        return None
+
+    def on_after_backward(self, trainer: Trainer) -> None: ...
+
+    def on_step_end(self, trainer: Trainer) -> None: ...
+
+    def on_evaluate(self, trainer: Trainer, metrics: dict[str, Any]) -> None: ...
+
+    def on_train_end(self, trainer: Trainer) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, Any]] = field(default_factory=list)  # one row per logged step
+    evals: list[dict[str, Any]] = field(default_factory=list)  # one row per evaluation
+    steps: int = 0
+    seconds_per_step: float = 0.0
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return self.evals[-1] if self.evals else {}
+
+
+def _lr_lambda(schedule: str, warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        return max(0.0, 1 - progress) if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+class Trainer:
+    """Train ``model`` on an :class:`~lorafam_nb.tasks.EncodedTask`; evaluate on ``eval_tasks``."""
+
+    def __init__(self, model: nn.Module, train_task: EncodedTask, config: TrainConfig,
+                 eval_tasks: list[EncodedTask] | None = None, callbacks: list[Callback] | None = None) -> None:
+        if len(train_task) == 0:
+            raise ValueError("the training set is empty")
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.model = model.to(self.device)
+        self.train_task = train_task
+        self.eval_tasks = eval_tasks or []
+        adapter = model.adapter_config if isinstance(model, AdapterModel) else None
+        self.callbacks = (adapter.callbacks(model) if adapter else []) + list(callbacks or [])
+        groups = (adapter.param_groups(model, config.lr, config.weight_decay) if adapter else
+                  [{"params": [p for p in model.parameters() if p.requires_grad], "lr": config.lr,
+                    "weight_decay": config.weight_decay}])
+        self.trainable = [p for g in groups for p in g["params"]]
+        if not self.trainable:
+            raise ValueError("the model has no trainable parameters")
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+        steps_per_epoch = math.ceil(len(train_task) / (config.batch_size * config.grad_accum))
+        self.total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+        warmup = int(config.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _lr_lambda(config.schedule, max(1, warmup) if warmup else 0, self.total_steps))
+        self.step = 0
+        self.result = TrainResult()
+
+    # --- data order -------------------------------------------------------------------------
+    def _micro_batches(self, start_step: int):
+        """Micro-batches from optimizer step ``start_step`` on, in a seed-determined order."""
+        cfg, n = self.config, len(self.train_task)
+        per_epoch = math.ceil(n / cfg.batch_size)  # the last micro-batch of an epoch may be short
+        epoch, index = divmod(start_step * cfg.grad_accum, per_epoch)
+        offset = index * cfg.batch_size
+        while True:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+            for i in range(offset, n, cfg.batch_size):
+                yield [self.train_task.examples[j] for j in order[i:i + cfg.batch_size]]
+            epoch, offset = epoch + 1, 0
+
+    # --- checkpoints ------------------------------------------------------------------------
+    def _trainable_state(self) -> dict[str, Tensor]:
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        return {names[id(p)]: p.detach().clone() for p in self.trainable}
+
+    def save_checkpoint(self) -> None:
+        path = Path(self.config.checkpoint_dir) / "checkpoint.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {
+            "step": self.step, "config": asdict(self.config), "params": self._trainable_state(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "callbacks": [c.state_dict() for c in self.callbacks], "result": asdict(self.result),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
+        }
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # atomic: an interruption never leaves a half-written checkpoint
+
+    def load_checkpoint(self) -> bool:
+        path = Path(self.config.checkpoint_dir) / "checkpoint.pt"
+        if not path.exists():
+            return False
+        state = torch.load(path, weights_only=False)
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in state["params"].items():
+                params[name].copy_(value)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        for callback, cb_state in zip(self.callbacks, state["callbacks"]):
+            callback.load_state_dict(cb_state)
+        self.result = TrainResult(**state["result"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        self.step = state["step"]
+        return True
+
+    # --- loop -------------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, Any]:
+        row: dict[str, Any] = {"step": self.step}
+        for task in self.eval_tasks:
+            metrics = evaluate(self.model, task, self.config.eval_batch_size, self.device)
+            row[task.info.name] = metrics.get("accuracy", metrics.get("pearson"))
+        for callback in self.callbacks:
+            callback.on_evaluate(self, row)
+        self.result.evals.append(row)
+        return row
+
+    def _loss(self, examples: list[dict[str, Any]]) -> Tensor:
+        batch = batch_to(collate(self.train_task, examples), self.device)
+        loss, _ = score_batch(self.model, self.train_task, batch)
+        aux = self.model.aux_loss() if isinstance(self.model, AdapterModel) else None
+        return loss if aux is None else loss + aux
+
+    def train(self, resume: bool = False) -> TrainResult:
+        cfg = self.config
+        set_seed(cfg.seed)
+        if resume and cfg.checkpoint_dir is None:
+            raise ValueError("resume=True needs TrainConfig.checkpoint_dir")
+        if resume:
+            self.load_checkpoint()
+        self.model.train()
+        for callback in self.callbacks:
+            callback.on_train_begin(self)
+        batches = self._micro_batches(self.step)
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not cfg.progress, desc="train")
+        first_step, step_seconds = self.step, 0.0
+        while self.step < self.total_steps:
+            started, total = time.perf_counter(), 0.0
+            for _ in range(cfg.grad_accum):
+                loss = self._loss(next(batches))
+                for callback in self.callbacks:
+                    extra = callback.extra_loss(self)
+                    loss = loss if extra is None else loss + extra
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss became {loss.item()} at optimizer step {self.step + 1}; run stopped")
+                (loss / cfg.grad_accum).backward()
+                total += loss.item() / cfg.grad_accum
+            for callback in self.callbacks:
+                callback.on_after_backward(self)
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            for callback in self.callbacks:
+                callback.on_step_end(self)
+            step_seconds += time.perf_counter() - started
+            if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                self.result.history.append({"step": self.step, "loss": total, "lr": self.scheduler.get_last_lr()[0]})
+            bar.update(1)
+            bar.set_postfix(loss=f"{total:.4f}")
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
+                self.evaluate()
+            if cfg.checkpoint_dir and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                self.save_checkpoint()
+        bar.close()
+        done = self.step - first_step
+        self.result.steps = self.step
+        if done:
+            self.result.seconds_per_step = step_seconds / done
+        if self.eval_tasks:
+            self.evaluate()
+        for callback in self.callbacks:
+            callback.on_train_end(self)
+        if cfg.checkpoint_dir:
+            self.save_checkpoint()
+        return self.result
