@@ -45,16 +45,6 @@ class EncodedTask:
         return len(self.examples)
 
 
-def _choice_prompt(question: str, choices: list[str]) -> tuple[str, list[str]]:
-    """MoE-PEFT-style prompt and the label strings whose first token is scored."""
-    if choices == ["true", "false"]:  # BoolQ: the answer word itself is the label token
-        return f"Please answer the following question with true or false: {question}\nAnswer:", [" true", " false"]
-    listed = " ".join(f"({LETTERS[i]}) {c}" for i, c in enumerate(choices))
-    return f"Please choose the correct answer to the question: {question} {listed}\nAnswer:", [
-        f" {LETTERS[i]}" for i in range(len(choices))
-    ]
-
-
 def _as_choices(row: dict[str, Any], info: TaskInfo) -> tuple[str, list[str]]:
     """Any task as (question, choices): GLUE classes become the choices of a text prompt."""
     if info.kind == "multiple_choice":
@@ -62,7 +52,24 @@ def _as_choices(row: dict[str, Any], info: TaskInfo) -> tuple[str, list[str]]:
     if info.kind == "regression":
         raise ValueError(f"{info.name} is a regression task; decoder protocols score classes only")
     text = " / ".join(row[f] for f in info.text_fields)
-    return f"{text} — which label fits ({', '.join(info.label_names)})?", list(info.label_names)
+    return f"{text}\nWhich label fits: {' or '.join(info.label_names)}?", list(info.label_names)
+
+
+def _label_prompt(row: dict[str, Any], info: TaskInfo) -> tuple[str, list[str]]:
+    """MoE-PEFT-style prompt and the label strings whose first token is scored.
+
+    Lettered choices are listed and answered by letter; answers that are words (BoolQ's
+    true/false, GLUE class names) are answered by the word itself.
+    """
+    question, choices = _as_choices(row, info)
+    if info.kind != "multiple_choice":
+        return f"{question}\nAnswer:", [f" {c}" for c in choices]
+    if choices == ["true", "false"]:
+        return f"Please answer the following question with true or false: {question}\nAnswer:", [" true", " false"]
+    listed = " ".join(f"({LETTERS[i]}) {c}" for i, c in enumerate(choices))
+    return f"Please choose the correct answer to the question: {question} {listed}\nAnswer:", [
+        f" {LETTERS[i]}" for i in range(len(choices))
+    ]
 
 
 def _first_token(tokenizer: Any, text: str) -> int:
@@ -87,9 +94,9 @@ def encode(ds: datasets.Dataset, task: str, tokenizer: Any, protocol: str = "enc
                 enc = tokenizer(*(row[f] for f in info.text_fields), truncation=True, max_length=max_length)
                 examples.append({**enc, "label": label})
         elif protocol == "label_token":
-            question, choices = _as_choices(row, info)
-            prompt, labels = _choice_prompt(question, choices)
-            ids = tokenizer(prompt, truncation=True, max_length=max_length)["input_ids"]
+            prompt, labels = _label_prompt(row, info)
+            # Cut long prompts from the left: the listed choices and the "Answer:" cue must survive.
+            ids = tokenizer(prompt)["input_ids"][-max_length:]
             label_ids = [_first_token(tokenizer, s) for s in labels]
             if len(set(label_ids)) != len(label_ids):
                 raise ValueError(f"{info.name}: label strings {labels} share a first token; cannot score them")
@@ -137,7 +144,7 @@ def collate(task: EncodedTask, examples: list[dict[str, Any]]) -> dict[str, Tens
         label_ids = _pad([e["label_ids"] for e in examples], -1)
         batch["choice_mask"] = label_ids >= 0
         batch["label_ids"] = label_ids.clamp(min=0)
-    else:  # loglik: one row per (example, choice); mask marks the answer tokens
+    else:  # loglik: one row per (example, choice), left-padded so every answer ends at position -1
         n_choices = max(len(e["continuations"]) for e in examples)
         seqs, answer = [], []
         for e in examples:
@@ -145,9 +152,9 @@ def collate(task: EncodedTask, examples: list[dict[str, Any]]) -> dict[str, Tens
             for c in conts:
                 seqs.append(e["prompt"] + c)
                 answer.append([0] * len(e["prompt"]) + [1] * len(c))
-        batch["input_ids"] = _pad(seqs, task.pad_id)
-        batch["attention_mask"] = _pad([[1] * len(s) for s in seqs], 0)
-        batch["answer_mask"] = _pad(answer, 0)
+        batch["input_ids"] = _pad(seqs, task.pad_id, left=True)
+        batch["attention_mask"] = _pad([[1] * len(s) for s in seqs], 0, left=True)
+        batch["answer_mask"] = _pad(answer, 0, left=True)
         batch["choice_mask"] = torch.tensor([[i < len(e["continuations"]) for i in range(n_choices)] for e in examples])
     return batch
 
@@ -177,9 +184,12 @@ def score_batch(model: nn.Module, task: EncodedTask, batch: dict[str, Tensor]) -
         scores = last.gather(1, batch["label_ids"]).masked_fill(~batch["choice_mask"], float("-inf"))
         gold = batch["label_ids"].gather(1, labels[:, None]).squeeze(1)
         return F.cross_entropy(last, gold), scores
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **side).logits
-    logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(2, batch["input_ids"][:, 1:, None]).squeeze(2)
-    mask = batch["answer_mask"][:, 1:].to(logp.dtype)
+    # Answers sit at the end (left padding): project only the last k+1 positions onto the vocabulary.
+    k = int(batch["answer_mask"].sum(1).max())
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   logits_to_keep=k + 1, **side).logits[:, :-1]
+    targets, mask = batch["input_ids"][:, -k:], batch["answer_mask"][:, -k:].to(torch.float32)
+    logp = torch.log_softmax(logits.float(), -1).gather(2, targets[..., None]).squeeze(2)
     seq = (logp * mask).sum(1).view(labels.shape[0], -1)
     scores = seq.masked_fill(~batch["choice_mask"], float("-inf"))
     n_tokens = mask.sum(1).view(labels.shape[0], -1).gather(1, labels[:, None]).squeeze(1)
