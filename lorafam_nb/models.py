@@ -58,7 +58,8 @@ MODELS: dict[str, ModelSpec] = {
         # 6 per block x 6 blocks = 36. "output.dense" also matches "attention.output.dense"; both are
         # listed so the tuple reads as the full set. The pooler is left out on purpose: see _HEADS_FOR.
         all_linear=("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"),
-        head_modules=("classifier",),
+        # The pooler belongs to the head here: this checkpoint never trained it (see _HEADS_FOR).
+        head_modules=("pooler", "classifier"),
     ),
     "smollm2-135m": ModelSpec(
         name="smollm2-135m",
@@ -100,9 +101,9 @@ _HEADS: dict[str, type] = {
 #   and is not a causal model anyway). The BERT classification heads read tanh(pooler(CLS)); the
 #   checkpoint does carry pooler.dense, so transformers reports nothing missing, but it was never
 #   trained (bias exactly 0, weight an i.i.d. Gaussian of std ~0.009 whose singular values follow the
-#   Marchenko-Pastur law): sentence-transformers mean-pools and never touches it. As the pooler is not
-#   in head_modules it stays frozen under an adapter, so the head starts from a fixed random
-#   projection of the CLS token.
+#   Marchenko-Pastur law): sentence-transformers mean-pools and never touches it. So the pooler is
+#   listed in head_modules: it is trained with the classifier (head-only, beside every adapter),
+#   instead of leaving a frozen random projection of the CLS token in front of the head.
 # - Decoder: no task heads, because SmolLM2 classifies through its next-token logits (head_modules is
 #   empty); a fresh LlamaForSequenceClassification `score` layer would stay frozen under an adapter,
 #   and transformers has no multiple-choice head for Llama.

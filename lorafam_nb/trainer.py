@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .core import AdapterModel
 from .tasks import EncodedTask, batch_to, collate, evaluate, score_batch
@@ -147,11 +147,25 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
         steps_per_epoch = math.ceil(len(train_task) / (config.batch_size * config.grad_accum))
         self.total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
-        warmup = int(config.warmup_ratio * self.total_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, _lr_lambda(config.schedule, max(1, warmup) if warmup else 0, self.total_steps))
+        # The LR schedule runs over a window (first step, length): the whole run, unless a method
+        # restarts it (PeriodicLoRA's stages). The window is part of the checkpoint.
+        self.schedule_window = (0, self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: self._lr_factor(step))
         self.step = 0
         self.result = TrainResult()
+
+    def _lr_factor(self, step: int) -> float:
+        start, length = self.schedule_window
+        warmup = int(self.config.warmup_ratio * length)
+        return _lr_lambda(self.config.schedule, max(1, warmup) if warmup else 0, length)(step - start)
+
+    def restart_schedule(self, length: int) -> None:
+        """Forget the optimizer state and run a fresh LR schedule (warm-up included) over the next
+        ``length`` steps. For methods that train in stages."""
+        self.optimizer.state.clear()
+        self.schedule_window = (self.step, length)
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = lr * self._lr_factor(self.step)
 
     # --- data order -------------------------------------------------------------------------
     def _micro_batches(self, start_step: int):
@@ -176,6 +190,7 @@ class Trainer:
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {
             "step": self.step, "config": asdict(self.config), "params": self._trainable_state(),
+            "schedule_window": self.schedule_window,
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "callbacks": [c.state_dict() for c in self.callbacks], "result": asdict(self.result),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
@@ -194,6 +209,7 @@ class Trainer:
             for name, value in state["params"].items():
                 params[name].copy_(value)
         self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule_window = tuple(state["schedule_window"])
         self.scheduler.load_state_dict(state["scheduler"])
         for callback, cb_state in zip(self.callbacks, state["callbacks"]):
             callback.load_state_dict(cb_state)
@@ -232,7 +248,9 @@ class Trainer:
         for callback in self.callbacks:
             callback.on_train_begin(self)
         batches = self._micro_batches(self.step)
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not cfg.progress, desc="train")
+        # mininterval keeps notebook output (one line per refresh outside a terminal) short.
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not cfg.progress, desc="train",
+                   mininterval=5.0)
         first_step, step_seconds = self.step, 0.0
         while self.step < self.total_steps:
             started, total = time.perf_counter(), 0.0
@@ -258,8 +276,8 @@ class Trainer:
             step_seconds += time.perf_counter() - started
             if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                 self.result.history.append({"step": self.step, "loss": total, "lr": self.scheduler.get_last_lr()[0]})
+            bar.set_postfix(loss=f"{total:.4f}", refresh=False)
             bar.update(1)
-            bar.set_postfix(loss=f"{total:.4f}")
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
                 self.evaluate()
             if cfg.checkpoint_dir and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:

@@ -1,0 +1,124 @@
+"""One experiment run, as every chapter uses it: load, adapt, train, evaluate, report.
+
+A run is described by a :class:`RunSpec` (model, task, sizes, seed, how to fine-tune, training
+settings) and returns a flat result dict that chapters turn into tables and figures. ``finetune`` is
+``"head"`` (only the task head trains), ``"full"`` (everything trains) or any
+:class:`~lorafam_nb.core.AdapterConfig`; an adapter config without ``modules_to_save`` gets the
+model's fresh head added, since an untrained head would make any comparison meaningless.
+"""
+from __future__ import annotations
+
+import dataclasses
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .core import AdapterConfig, count_parameters, get_adapter_model
+from .data import load_task, task_info
+from .models import load_model, load_tokenizer, model_spec
+from .tasks import EncodedTask, encode
+from .trainer import TrainConfig, Trainer, TrainResult, set_seed
+
+__all__ = ["RunOutput", "RunSpec", "build_model", "describe", "encode_task", "run"]
+
+
+@dataclass
+class RunSpec:
+    model: str = "minilm"
+    task: str = "sst2"
+    finetune: str | AdapterConfig = "head"
+    train_n: int | None = 2000
+    eval_n: int | None = 500
+    max_length: int = 128
+    protocol: str | None = None  # None: "encoder" for encoders, "label_token" for decoders
+    seed: int = 0
+    train: TrainConfig = field(default_factory=TrainConfig)
+    label: str = ""  # how tables and legends name this run
+
+    def resolved_protocol(self) -> str:
+        spec = model_spec(self.model)
+        decoder = spec is not None and spec.architecture == "decoder"
+        return self.protocol or ("label_token" if decoder else "encoder")
+
+
+def _head_for(spec: RunSpec) -> tuple[str, int]:
+    info = task_info(spec.task)
+    if spec.resolved_protocol() != "encoder":
+        return "causal_lm", 0
+    if info.kind == "multiple_choice":
+        return "multiple_choice", 0
+    return "sequence_classification", 1 if info.kind == "regression" else info.num_labels
+
+
+def build_model(spec: RunSpec) -> nn.Module:
+    """The model of ``spec`` with its fine-tuning mode applied (head seeded by ``spec.seed``)."""
+    head, num_labels = _head_for(spec)
+    set_seed(spec.seed)
+    model = load_model(spec.model, head=head, num_labels=num_labels or 2)
+    known = model_spec(spec.model)
+    heads = list(known.head_modules) if known else []
+    if spec.finetune == "full":
+        return model
+    if spec.finetune == "head":
+        if not heads:
+            raise ValueError(f"{spec.model} has no separate task head to train alone")
+        model.requires_grad_(False)
+        for name, module in model.named_modules():
+            if name in heads or any(name.endswith("." + h) for h in heads):
+                module.requires_grad_(True)
+        return model
+    if not isinstance(spec.finetune, AdapterConfig):
+        raise ValueError(f"finetune must be 'head', 'full' or an AdapterConfig, got {spec.finetune!r}")
+    config = spec.finetune
+    if not config.modules_to_save and heads:
+        config = dataclasses.replace(config, modules_to_save=heads)
+    return get_adapter_model(model, config)
+
+
+def encode_task(spec: RunSpec, split: str, n: int | None) -> EncodedTask:
+    tokenizer = load_tokenizer(spec.model)
+    rows = load_task(spec.task, split, n=n, seed=spec.seed)
+    return encode(rows, spec.task, tokenizer, spec.resolved_protocol(), spec.max_length)
+
+
+def describe(finetune: str | AdapterConfig) -> str:
+    if isinstance(finetune, str):
+        return {"head": "head only", "full": "full fine-tuning"}[finetune]
+    fields = {f.name: getattr(finetune, f.name) for f in dataclasses.fields(finetune)
+              if f.name not in ("target_modules", "modules_to_save")}
+    return f"{finetune.method} " + " ".join(f"{k}={v}" for k, v in fields.items())
+
+
+@dataclass
+class RunOutput:
+    row: dict[str, Any]  # flat, for tables: label, metric, parameter counts, sizes, timing, machine
+    history: list[dict[str, Any]]  # logged training steps
+    model: nn.Module  # the trained model, for checks such as merging
+
+
+def run(spec: RunSpec, model: nn.Module | None = None) -> RunOutput:
+    """Train and evaluate ``spec``; the row names the protocol, sizes, seed and machine."""
+    info = task_info(spec.task)
+    train = encode_task(spec, "train", spec.train_n)
+    evaluation = encode_task(spec, info.eval_split, spec.eval_n)
+    model = model if model is not None else build_model(spec)
+    trainable, total = count_parameters(model)
+    train_cfg = dataclasses.replace(spec.train, seed=spec.seed)
+    started = time.perf_counter()
+    result: TrainResult = Trainer(model, train, train_cfg, eval_tasks=[evaluation]).train()
+    metric = "pearson" if info.kind == "regression" else "accuracy"
+    row = {
+        "label": spec.label or describe(spec.finetune), "model": spec.model, "task": spec.task,
+        "protocol": spec.resolved_protocol(), "metric": metric, metric: result.final[info.name],
+        "trainable": trainable, "total": total, "trainable_pct": 100 * trainable / total,
+        "train_n": len(train), "eval_n": len(evaluation), "eval_split": info.eval_split, "seed": spec.seed,
+        "steps": result.steps, "s_per_step": result.seconds_per_step,
+        "wall_s": time.perf_counter() - started,
+        "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
+    }
+    return RunOutput(row, result.history, model)
+
