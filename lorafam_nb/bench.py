@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from .core import count_parameters, get_adapter_model
+from .core import AdapterConfig, count_parameters, get_adapter_model
 from .lora import LoraConfig
 from .models import MODELS, load_model
 
@@ -109,6 +111,21 @@ def _measure(name: str, model: nn.Module, batch: dict[str, torch.Tensor], steps:
     return BenchResult(name, statistics.median(times), memory / 2**20, trainable)
 
 
+HEAD = MODELS["minilm"].head_modules  # trained in every setup except "frozen"
+
+
+def _peft_lora(targets: list[str], r: int, **options: Any) -> Callable[[nn.Module], nn.Module]:
+    def build(m: nn.Module) -> nn.Module:
+        from peft import LoraConfig as PeftLoraConfig, get_peft_model
+        return get_peft_model(m, PeftLoraConfig(r=r, lora_alpha=2 * r, target_modules=targets,
+                                                modules_to_save=list(HEAD), **options))
+    return build
+
+
+def _ours(config: AdapterConfig) -> Callable[[nn.Module], nn.Module]:
+    return lambda m: get_adapter_model(m, dataclasses.replace(config, modules_to_save=list(HEAD)))
+
+
 def setups(r: int = 8) -> dict[str, Callable[[nn.Module], nn.Module]]:
     """Name -> function turning a fresh MiniLM classifier into the model to time."""
     targets = list(MODELS["minilm"].all_linear)
@@ -118,19 +135,12 @@ def setups(r: int = 8) -> dict[str, Callable[[nn.Module], nn.Module]]:
         m.enable_input_require_grads()  # gradients reach the embeddings output, nothing else
         return m
 
-    def full(m: nn.Module) -> nn.Module:
-        return m
-
-    def ours(m: nn.Module) -> nn.Module:
-        return get_adapter_model(m, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets,
-                                               modules_to_save=["classifier"]))
-
-    def theirs(m: nn.Module) -> nn.Module:
-        from peft import LoraConfig as PeftLoraConfig, get_peft_model
-        return get_peft_model(m, PeftLoraConfig(r=r, lora_alpha=2 * r, target_modules=targets,
-                                                modules_to_save=["classifier"]))
-
-    return {"frozen": frozen, "full": full, "lorafam": ours, "peft": theirs}
+    return {
+        "frozen": frozen,
+        "full": lambda m: m,
+        "lorafam": _ours(LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets)),
+        "peft": _peft_lora(targets, r),
+    }
 
 
 def run_benchmark(batch_size: int = 16, seq_len: int = 128, steps: int = 10, r: int = 8,
