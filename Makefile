@@ -30,7 +30,7 @@ book: $(STAMP)
 	@echo "book: _build/html/index.html"
 
 test: $(STAMP)
-	LORAFAM_PROFILE=smoke $(PY) -m pytest -q tests notebooks --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg
+	LORAFAM_PROFILE=smoke $(PY) -m pytest -q tests notebooks --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
 
 clean:
 	rm -rf _build book/chapters
