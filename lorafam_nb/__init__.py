@@ -11,8 +11,13 @@ Quick start::
 Submodules that pull in heavier dependencies (``data``, ``models``, ``tasks``, ``trainer``, ``bench``)
 load on first access.
 """
+import warnings
 from importlib import import_module
 from typing import Any
+
+# transformers and datasets import tqdm.auto, which warns inside Jupyter when ipywidgets is absent;
+# our progress bars are plain text, so the warning is noise (and it prints a local path).
+warnings.filterwarnings("ignore", message="IProgress not found")
 
 from .core import (
     METHODS,
