@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .core import AdapterConfig, count_parameters, get_adapter_model
+from .core import AdapterConfig, _suffix_match, count_parameters, get_adapter_model
 from .data import load_task, task_info
 from .models import load_model, load_tokenizer, model_spec
 from .tasks import EncodedTask, encode
@@ -68,7 +68,7 @@ def build_model(spec: RunSpec) -> nn.Module:
             raise ValueError(f"{spec.model} has no separate task head to train alone")
         model.requires_grad_(False)
         for name, module in model.named_modules():
-            if name in heads or any(name.endswith("." + h) for h in heads):
+            if _suffix_match(name, heads):
                 module.requires_grad_(True)
         return model
     if not isinstance(spec.finetune, AdapterConfig):
