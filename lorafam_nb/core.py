@@ -16,6 +16,7 @@ and layers add auxiliary losses (load balance, contrastive) to that context for 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -161,6 +162,12 @@ class AdapterConfig:
     def from_dict(data: dict[str, Any]) -> AdapterConfig:
         data = dict(data)
         method = data.pop("method", None)
+        if method not in METHODS and isinstance(method, str) and method.isidentifier():
+            # Each method registers when its module (named after it) is imported: load it on demand.
+            try:
+                importlib.import_module(f"{__package__}.{method}")
+            except ModuleNotFoundError:
+                pass
         if method not in METHODS:
             raise ValueError(f"unknown adapter method {method!r}; registered: {sorted(METHODS)}")
         cls = METHODS[method]

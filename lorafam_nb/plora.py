@@ -1,0 +1,114 @@
+"""PeriodicLoRA (PLoRA): Breaking the Low-Rank Bottleneck in LoRA Optimization (Meng et al., 2024,
+arXiv 2402.16141).
+
+A LoRA adds :math:`sBA` with rank at most :math:`r` to the frozen :math:`W_0`, however long it trains. PLoRA
+trains in stages :math:`k = 1, \\dots, S` of :math:`T_s` optimizer steps; inside stage :math:`k` it is plain
+LoRA on the current backbone, ``h = W^(k-1) x + b + s · B_k A_k drop(x)``, and at the stage end it
+*unloads* the adapter into the backbone and starts a fresh one:
+
+    W^(k) = W^(k-1) + s · B_k A_k,     A_{k+1} ~ Kaiming-uniform (as LoRA),  B_{k+1} = 0,
+
+and the optimizer state and the LR schedule (warm-up included) restart for the next stage. The unload
+does not change the function (the product moves from the branch into ``W``); after :math:`S` stages
+
+    W^(S) − W_0 = s · Σ_k B_k A_k,     rank ≤ min(S r, d_in, d_out),
+
+at the memory of one rank-:math:`r` LoRA.
+
+*Momentum-based unloading* (``momentum=μ``), which the paper adds against the instability of hard
+resets, follows the only concrete implementation we could find (LoRAFactory, ``plora_momentum``; the
+paper's own equation could not be retrieved): at each unload
+
+    W ← W + μ · s · B A,     A ← (1 − μ) A,     B ← (1 − μ) B,
+
+with no re-initialisation and no optimizer or schedule reset (the factors live on, so their Adam moments
+stay meaningful). The reference unloads this way after every optimizer step (``unload_every=1``). It
+does not preserve the function: the layer goes from ``W + sBA`` to ``W + (μ + (1 − μ)²) sBA``.
+
+The last stage's adapter is not unloaded (it merges like any LoRA). The trained ``W`` is saved with the
+adapter and checkpointed, through the pieces shared with Delta-LoRA (``delta_lora.py``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .core import AdapterModel, register_method
+from .delta_lora import BackboneCheckpoint, BackboneLoRALinear, add_to_backbone
+from .lora import LoraConfig
+from .trainer import Callback, Trainer
+
+__all__ = ["PLoRALinear", "PLoraConfig", "PeriodicUnload"]
+
+
+class PLoRALinear(BackboneLoRALinear):
+    """LoRA layer that can unload its product into ``W`` (hard reset or momentum rule)."""
+
+    @torch.no_grad()
+    def unload(self, momentum: float | None = None, generator: torch.Generator | None = None) -> None:
+        """``momentum=None``: W += sBA, fresh A (drawn from ``generator``), B = 0.
+        ``momentum=μ``: W += μ sBA, then A and B shrink by (1 − μ)."""
+        if momentum is None:
+            add_to_backbone(self, self.lora_B, self.lora_A, self.scaling)
+            self.lora_B.zero_()
+            # LoRA's init, drawn on the CPU so the numbers do not depend on the device.
+            fresh = torch.empty(self.lora_A.shape, dtype=self.lora_A.dtype)
+            self.lora_A.copy_(nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator))
+        else:
+            add_to_backbone(self, self.lora_B, self.lora_A, momentum * self.scaling)
+            self.lora_A.mul_(1 - momentum)
+            self.lora_B.mul_(1 - momentum)
+
+
+class PeriodicUnload(BackboneCheckpoint):
+    """Unloads every layer after each ``unload_every`` optimizer steps (except the last step of the run)."""
+
+    def __init__(self, model: AdapterModel, unload_every: int, momentum: float | None) -> None:
+        super().__init__(model)
+        self.unload_every, self.momentum = unload_every, momentum
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        # Hard resets: the first stage gets the per-stage schedule too (on resume the window is restored).
+        if self.momentum is None and trainer.step == 0:
+            trainer.restart_schedule(min(self.unload_every, trainer.total_steps))
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        if trainer.step % self.unload_every or trainer.step >= trainer.total_steps:
+            return
+        # A seed per (run, step): the fresh A's are reproducible, also on resume, and use no shared RNG.
+        generator = torch.Generator().manual_seed(trainer.config.seed * 1_000_003 + trainer.step)
+        for layer in self.layers.values():
+            layer.unload(self.momentum, generator)
+        if self.momentum is None:
+            # Stale Adam moments would mean nothing for the new A, B = 0; the schedule warms up again.
+            trainer.restart_schedule(min(self.unload_every, trainer.total_steps - trainer.step))
+
+
+@register_method
+@dataclass
+class PLoraConfig(LoraConfig):
+    """PLoRA: LoRA (peft's names) plus ``unload_every`` (stage length T_s, optimizer steps) and
+    ``momentum`` (None: hard unload and reset; μ in (0, 1): momentum unloading)."""
+
+    unload_every: int = 100
+    momentum: float | None = None
+
+    method = "plora"
+    peft_type = None  # W is modified: no peft LoRA file can describe the result
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.unload_every, int) or self.unload_every <= 0:
+            raise ValueError(f"unload_every (stage length T_s) must be a positive integer, got {self.unload_every!r}")
+        if self.momentum is not None and not 0 < self.momentum < 1:
+            # μ = 1 would zero both factors for good (no gradient reaches A or B when both are 0).
+            raise ValueError(f"momentum must be None (hard unload) or in (0, 1), got {self.momentum}")
+
+    def make_layer(self, name: str, module: nn.Module) -> PLoRALinear:
+        return PLoRALinear(module, self.r, self.lora_alpha, self.lora_dropout, self.scaling())
+
+    def callbacks(self, model: AdapterModel) -> list[Callback]:
+        return [PeriodicUnload(model, self.unload_every, self.momentum)]

@@ -1,0 +1,245 @@
+"""VeRA: Vector-based Random Matrix Adaptation (Kopiczko, Blankevoort, Asano, ICLR 2024, arXiv 2310.11454).
+
+LoRA trains its own pair of low-rank matrices in every adapted layer. VeRA draws *one* random pair,
+freezes it, shares it between all adapted layers, and trains only two scaling vectors per layer:
+
+    h = W_0 x + Λ_b B Λ_d A x,        Λ_b = diag(b),  Λ_d = diag(d)
+
+with :math:`W_0 \\in \\mathbb{R}^{d_{out} \\times d_{in}}` frozen, :math:`A \\in \\mathbb{R}^{r \\times d_{in}}` and
+:math:`B \\in \\mathbb{R}^{d_{out} \\times r}` frozen, random and shared, and :math:`b \\in \\mathbb{R}^{d_{out}}`,
+:math:`d \\in \\mathbb{R}^{r}` trained per layer (``vera_lambda_b``, ``vera_lambda_d``: peft's names).
+
+* Init (paper §3.3 and Table 8): A, B Kaiming-uniform as PyTorch implements it, i.e.
+  :math:`\\mathcal U(\\pm\\sqrt{6/\\text{fan\\_in}})`; ``b = 0`` so that ΔW = 0 and training starts at the
+  pretrained model; ``d = d_initial · 1`` with ``d_initial = 0.1``. Not the other way round: with
+  ``d = 0`` (and ``b = 0``) both gradients vanish and nothing ever moves.
+* No α/r factor: the two vectors carry the magnitude.
+* Layers of different shapes: the pair is sized to the largest input and output width among the
+  adapted layers, :math:`A \\in \\mathbb{R}^{r \\times D_{in}}`, :math:`B \\in \\mathbb{R}^{D_{out} \\times r}`, and a
+  layer uses the slices ``A[:, :d_in]`` and ``B[:d_out, :]`` (peft's rule; the paper's GLUE runs adapt
+  only equal-shaped layers and its text does not say).
+* The pair is drawn from a generator seeded with ``projection_prng_key`` (so it could be regenerated)
+  and, by default, also saved once with the adapter (``save_projection``), because PyTorch does not
+  promise the same random stream on every device and version.
+* Trainable per layer: ``d_out + r``; frozen, once per model: ``r (D_in + D_out)``.
+* Mergeable: :math:`W = W_0 + Λ_b B Λ_d A`.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .core import AdapterConfig, AdapterContext, AdapterLayer, AdapterModel, register_method
+
+__all__ = ["VeraConfig", "VeRALinear", "VeraProjections", "shared_projections"]
+
+
+class VeraProjections(nn.Module):
+    """The frozen random pair (A, B) that all adapted layers of one model share.
+
+    It holds A and B as buffers (never trained, never counted as parameters) and is a submodule of
+    every layer, the *same object* everywhere: ``model.to(...)`` converts its buffers in place of
+    the old ones, and every layer reads the converted tensors.
+    """
+
+    def __init__(self, r: int, projection_prng_key: int) -> None:
+        super().__init__()
+        self.r, self.projection_prng_key = r, projection_prng_key
+        self.register_buffer("vera_A", torch.empty(r, 0))
+        self.register_buffer("vera_B", torch.empty(0, r))
+
+    def cover(self, d_in: int, d_out: int, like: Tensor) -> None:
+        """Grow to at least ``d_in`` inputs and ``d_out`` outputs, redrawing the pair from the seed.
+
+        The values depend on the final sizes (A's bound is √(6/D_in), and B is drawn after all of A),
+        so growing redraws both: the result is what drawing at the largest sizes from the start gives
+        (peft's recipe: one CPU generator, A first, then B, float32).
+        """
+        D_in, D_out = max(d_in, self.vera_A.shape[1]), max(d_out, self.vera_B.shape[0])
+        if (D_in, D_out) == (self.vera_A.shape[1], self.vera_B.shape[0]):
+            return
+        g = torch.Generator().manual_seed(self.projection_prng_key)
+        A = nn.init.kaiming_uniform_(torch.empty(self.r, D_in), nonlinearity="relu", generator=g)
+        B = nn.init.kaiming_uniform_(torch.empty(D_out, self.r), nonlinearity="relu", generator=g)
+        self.vera_A, self.vera_B = A.to(like), B.to(like)
+
+    def extra_repr(self) -> str:
+        return (f"A: {tuple(self.vera_A.shape)}, B: {tuple(self.vera_B.shape)}, "
+                f"projection_prng_key={self.projection_prng_key}")
+
+
+VECTORS = ("vera_lambda_b", "vera_lambda_d")  # the trained parameters of a layer, by name
+
+# One shared pair per adapted model, keyed by the model's AdapterContext (AdapterModel creates one per
+# model and hands it to all of its layers). Weak keys: a discarded model takes its pair with it.
+_SHARED: weakref.WeakKeyDictionary[AdapterContext, VeraProjections] = weakref.WeakKeyDictionary()
+
+
+class VeRALinear(AdapterLayer):
+    """``nn.Linear`` plus ``Λ_b B Λ_d A x`` with the model's shared frozen (A, B).
+
+    A layer built on its own uses a pair of its own; once ``AdapterModel`` assigns the model's
+    context, the layer switches to the pair all layers of that model share. The first layer to
+    create a pair owns it: only the owner puts A and B into the saved adapter, so they are stored once.
+    """
+
+    def __init__(self, base_layer: nn.Linear, r: int, d_initial: float = 0.1, vera_dropout: float = 0.0,
+                 projection_prng_key: int = 0, save_projection: bool = True) -> None:
+        super().__init__(base_layer)
+        if not isinstance(r, int) or r <= 0:
+            raise ValueError(f"VeRA rank r must be a positive integer, got {r!r}")
+        w = base_layer.weight
+        self.r, self.projection_prng_key, self.save_projection = r, projection_prng_key, save_projection
+        # b = 0 makes ΔW = 0 at step 0; d starts at one constant so that b receives a gradient.
+        self.vera_lambda_b = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
+        self.vera_lambda_d = nn.Parameter(torch.full((r,), float(d_initial), dtype=w.dtype, device=w.device))
+        # p = 0 skips the dropout call entirely: it would otherwise copy the activation.
+        self.vera_dropout = nn.Dropout(vera_dropout) if vera_dropout > 0 else nn.Identity()
+        self._join(self.context)
+
+    # AdapterModel assigns ``layer.context`` right after make_layer: the moment a layer learns which
+    # model it belongs to, and hence which shared pair to use. (AdapterLayer.__init__ assigns a private
+    # context before b and d exist; __init__ then joins that one itself.)
+    @property
+    def context(self) -> AdapterContext:
+        return self._context
+
+    @context.setter
+    def context(self, context: AdapterContext) -> None:
+        self._context = context
+        if "vera_lambda_d" in self._parameters:
+            self._join(context)
+
+    def _join(self, context: AdapterContext) -> None:
+        shared = _SHARED.get(context)
+        self.owns_projections = shared is None
+        if shared is None:
+            shared = _SHARED[context] = VeraProjections(self.r, self.projection_prng_key)
+        elif (shared.r, shared.projection_prng_key) != (self.r, self.projection_prng_key):
+            raise ValueError(f"all VeRA layers of a model share one (A, B): r={self.r}, projection_prng_key="
+                             f"{self.projection_prng_key} differs from r={shared.r}, key={shared.projection_prng_key}")
+        shared.cover(self.base_layer.in_features, self.base_layer.out_features, like=self.base_layer.weight)
+        self.vera_projections = shared
+
+    def projections(self) -> tuple[Tensor, Tensor]:
+        """This layer's views ``A[:, :d_in]`` and ``B[:d_out, :]`` of the shared pair (no copies)."""
+        p = self.vera_projections
+        return p.vera_A[:, : self.base_layer.in_features], p.vera_B[: self.base_layer.out_features, :]
+
+    def delta_weight(self) -> Tensor:
+        A, B = self.projections()
+        # Λ_b B Λ_d A = (b ⊙ rows of B)(d ⊙ rows of A): scale the thin factors, not the d_out × d_in product.
+        return (self.vera_lambda_b[:, None] * B) @ (self.vera_lambda_d[:, None] * A)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.base_layer(x)
+        if self.merged:
+            return h
+        A, B = self.projections()
+        z = F.linear(self.vera_lambda_d * F.linear(self.vera_dropout(x), A), B)  # B Λ_d A x, through r numbers
+        return torch.addcmul(h, self.vera_lambda_b, z)  # h + b ⊙ z, one kernel
+
+    def adapter_state_dict(self) -> dict[str, Tensor]:
+        """b and d; the owner adds A and B (once per model) when ``save_projection`` is on."""
+        state = {k: v for k, v in super().adapter_state_dict().items() if not k.startswith("vera_projections.")}
+        if self.owns_projections and self.save_projection:
+            state |= {"vera_A": self.vera_projections.vera_A, "vera_B": self.vera_projections.vera_B}
+        return state
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, owns_projections={self.owns_projections}"
+
+
+@register_method
+@dataclass
+class VeraConfig(AdapterConfig):
+    """VeRA hyperparameters, peft's names and defaults: rank ``r`` of the shared pair, its seed
+    ``projection_prng_key``, whether to save it (``save_projection``), ``vera_dropout`` on the branch
+    input, and ``d_initial``, the constant that d starts at.
+
+    ``head_lr`` (not in peft, a training setting): the paper trains the head (``modules_to_save``)
+    and the vectors with separate learning rates instead of LoRA's α (its Table 8). When set, the head
+    gets ``head_lr`` and b, d get the trainer's ``lr``; ``None`` trains everything at ``lr``.
+    """
+
+    r: int = 256
+    projection_prng_key: int = 0
+    save_projection: bool = True
+    vera_dropout: float = 0.0
+    d_initial: float = 0.1
+    head_lr: float | None = None
+
+    method = "vera"
+    peft_type = "VERA"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"VeRA rank r must be a positive integer, got {self.r!r}")
+        if not 0 <= self.vera_dropout < 1:
+            raise ValueError(f"vera_dropout must be in [0, 1), got {self.vera_dropout}")
+        if self.d_initial == 0:
+            raise ValueError("d_initial must be non-zero: b starts at 0, and with d = 0 as well neither vector "
+                             "ever receives a gradient")
+        if self.head_lr is not None and self.head_lr <= 0:
+            raise ValueError(f"head_lr must be positive or None, got {self.head_lr}")
+
+    def make_layer(self, name: str, module: nn.Module) -> VeRALinear:
+        return VeRALinear(module, self.r, self.d_initial, self.vera_dropout, self.projection_prng_key,
+                          self.save_projection)
+
+    def param_groups(self, model: AdapterModel, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        if self.head_lr is None:
+            return super().param_groups(model, lr, weight_decay)
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        vectors = [p for n, p in trainable if n.endswith(VECTORS)]
+        head = [p for n, p in trainable if not n.endswith(VECTORS)]
+        groups = [{"params": vectors, "lr": lr, "weight_decay": weight_decay},
+                  {"params": head, "lr": self.head_lr, "weight_decay": weight_decay}]
+        return [g for g in groups if g["params"]]
+
+    def num_parameters(self, d_in: int, d_out: int) -> int:
+        """Trainable parameters VeRA adds to one d_out × d_in linear: d_out + r (b and d)."""
+        return d_out + self.r
+
+    def to_peft(self, target_modules: list[str]) -> dict[str, Any]:
+        if self.save_projection:
+            # peft stores the shared pair under model-level keys (base_model.vera_A), which the per-layer
+            # interchange in interop.py cannot name yet.
+            raise ValueError("peft's files keep VeRA's shared A, B under model-level keys that save_peft cannot "
+                             "write; use VeraConfig(save_projection=False): peft then redraws A and B from "
+                             "projection_prng_key exactly as this package does")
+        return {
+            "peft_type": self.peft_type, "r": self.r, "target_modules": target_modules,
+            "projection_prng_key": self.projection_prng_key, "save_projection": False,
+            "vera_dropout": self.vera_dropout, "d_initial": self.d_initial, "fan_in_fan_out": False,
+            "bias": "none", "modules_to_save": self.modules_to_save or None, "init_weights": True,
+            "layers_to_transform": None, "layers_pattern": None,
+        }
+
+    @classmethod
+    def peft_matches(cls, peft_config: dict[str, Any]) -> bool:
+        # Readable: pair regenerated from the seed, no bias training, nn.Linear layout, targets by name.
+        return (super().peft_matches(peft_config) and not peft_config.get("save_projection", True)
+                and peft_config.get("bias", "none") == "none" and not peft_config.get("fan_in_fan_out")
+                and peft_config.get("layers_to_transform") is None)
+
+    @classmethod
+    def from_peft(cls, peft_config: dict[str, Any]) -> VeraConfig:
+        return cls(r=peft_config["r"], target_modules=peft_config["target_modules"],
+                   projection_prng_key=peft_config.get("projection_prng_key", 0), save_projection=False,
+                   vera_dropout=peft_config.get("vera_dropout", 0.0), d_initial=peft_config.get("d_initial", 0.1),
+                   modules_to_save=list(peft_config.get("modules_to_save") or []))
+
+
+def shared_projections(model: AdapterModel) -> VeraProjections:
+    """The one frozen pair (A, B) that all VeRA layers of ``model`` share."""
+    pairs = {id(layer.vera_projections): layer.vera_projections
+             for layer in model.adapter_layers().values() if isinstance(layer, VeRALinear)}
+    if len(pairs) != 1:
+        raise ValueError(f"expected one shared VeRA pair in the model, found {len(pairs)}")
+    return next(iter(pairs.values()))
