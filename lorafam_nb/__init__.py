@@ -9,7 +9,8 @@ Quick start::
     model.print_trainable_parameters()
 
 Submodules that pull in heavier dependencies (``data``, ``models``, ``tasks``, ``trainer``, ``bench``)
-load on first access.
+and the method modules with their configs (``lf.DoraConfig``, ``lf.vera``) load on first access;
+``lf.import_methods()`` loads every method.
 """
 import warnings
 from importlib import import_module
@@ -20,13 +21,16 @@ from typing import Any
 warnings.filterwarnings("ignore", message="IProgress not found")
 
 from .core import (
+    METHOD_MODULES,
     METHODS,
     AdapterConfig,
     AdapterContext,
     AdapterLayer,
     AdapterModel,
+    MethodCard,
     count_parameters,
     get_adapter_model,
+    import_methods,
     print_trainable_parameters,
     register_method,
 )
@@ -35,9 +39,14 @@ from .lora import LoraConfig, LoRALinear
 
 __version__ = "0.1.0"
 
-_LAZY = {"data", "models", "tasks", "trainer", "bench", "notebook"}
+_LAZY = {"data", "models", "tasks", "trainer", "bench", "notebook", "experiment", *METHOD_MODULES}
 _LAZY_NAMES = {"Trainer": "trainer", "TrainConfig": "trainer", "Callback": "trainer", "load_task": "data",
-               "load_model": "models", "load_tokenizer": "models", "encode": "tasks", "evaluate": "tasks"}
+               "load_model": "models", "load_tokenizer": "models", "encode": "tasks", "evaluate": "tasks",
+               # Each method's config, loaded with its module on first use.
+               "LoraPlusConfig": "lora_plus", "RsLoraConfig": "rslora", "VeraConfig": "vera",
+               "LoraFAConfig": "lora_fa", "LoraDropConfig": "lora_drop", "AdaLoraConfig": "adalora",
+               "DoraConfig": "dora", "DeltaLoraConfig": "delta_lora", "PLoraConfig": "plora",
+               "QLoraConfig": "qlora"}
 
 
 def __getattr__(name: str) -> Any:
@@ -49,7 +58,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "METHODS", "AdapterConfig", "AdapterContext", "AdapterLayer", "AdapterModel", "LoraConfig", "LoRALinear",
-    "count_parameters", "get_adapter_model", "load_peft", "print_trainable_parameters", "register_method",
-    "save_peft", *sorted(_LAZY_NAMES),
+    "METHODS", "METHOD_MODULES", "AdapterConfig", "AdapterContext", "AdapterLayer", "AdapterModel", "LoraConfig", "LoRALinear",
+    "count_parameters", "get_adapter_model", "import_methods", "load_peft", "print_trainable_parameters", "register_method",
+    "MethodCard", "save_peft", *sorted(_LAZY_NAMES),
 ]

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .core import AdapterConfig, AdapterModel, register_method
+from .core import AdapterConfig, AdapterModel, MethodCard, register_method
 from .lora import LoRALinear, _FusedLoRA
 from .trainer import Callback, Trainer
 
@@ -299,6 +299,15 @@ class AdaLoraConfig(AdapterConfig):
     total_step: int | None = None
 
     method = "adalora"
+    budget_knob = "init_r"  # the count num_parameters gives is the starting one, set by init_r
+    card = MethodCard(
+        title="AdaLoRA", paper="Zhang et al., ICLR 2023", arxiv="2303.10512", date="2023-03",
+        idea=r"write each update as $P\Lambda Q$ and prune singular values by importance under a global budget, "
+             r"moving rank to the matrices that need it",
+        trains=r"$P$, $\Lambda$, $Q$", frozen=r"$W_0$", mergeable=True,
+        params=r"r_{init}(d_{in}+d_{out}+1)", chapter="adalora", bibkey="zhang2023adalora",
+        params_note=r"at the start; after pruning $r_k(d_{in}+d_{out}+1)$ for matrix $k$",
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.init_r, int) or self.init_r <= 0:

@@ -1,23 +1,28 @@
-"""Training-step benchmark: ``python -m lorafam_nb.bench [--steps N] [--batch 16] [--seq 128]``.
+"""Training-step benchmark: ``python -m lorafam_nb.bench [--steps N] [--batch 16] [--seq 128] [--only ...]``.
 
-Measures, in one process and on the same inputs, one optimizer step (forward, backward, AdamW) of:
+Measures, in one process and on the same inputs, real optimizer steps of the package's
+:class:`~lorafam_nb.trainer.Trainer` (forward, backward, the method's hooks, AdamW) for:
 
-* ``frozen``   — the base model frozen, gradients flowing only to the input embeddings: the floor any
-  adapter that back-propagates through the network must pay;
-* ``full``     — full fine-tuning;
-* ``lorafam``  — this package's LoRA;
-* ``peft``     — peft's LoRA (an independent implementation), same targets, rank and init.
+* ``frozen``  — only the task head trains, but gradients are forced back through the whole frozen
+  network to the input embeddings: the floor any adapter that back-propagates through it must pay;
+* ``full``    — full fine-tuning;
+* every registered method of this package (LoRA, LoRA+, rsLoRA, VeRA, LoRA-FA, LoRA-drop, AdaLoRA,
+  DoRA, Delta-LoRA, PeriodicLoRA, QLoRA) at LoRA's rank ``r`` on all linear layers, each with its
+  own training hooks (AdaLoRA's allocation, Delta-LoRA's update of W, LoRA+'s parameter groups);
+* ``peft:<method>`` — peft's implementation of the methods peft has (LoRA, DoRA, VeRA), same
+  targets, rank, init and head: an independent reference for the speed of ours.
 
-Memory: on CUDA the allocator's peak. On CPU there is no per-run allocator peak inside one process,
-so we count the *training state* exactly instead: bytes of tensors saved for backward (activations,
-deduplicated by storage, model weights excluded) + gradients + optimizer state. That is what
-differs between methods; the weights themselves are the same for all.
+Every setup trains MiniLM's task head (pooler + classifier) as well.
+
+Memory: on CUDA the allocator's peak during one step. On CPU there is no per-run allocator peak inside
+one process, so we count the *training state* of one step exactly instead: bytes of tensors saved for
+backward (activations, deduplicated by storage, model weights excluded) + gradients + optimizer state.
+That is what differs between methods; the weights themselves are the same for all.
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import statistics
 import time
 from collections.abc import Callable
@@ -27,11 +32,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .core import AdapterConfig, count_parameters, get_adapter_model
+from .core import AdapterConfig, _suffix_match, count_parameters, get_adapter_model, import_methods
+from .data import task_info
 from .lora import LoraConfig
 from .models import MODELS, load_model
+from .tasks import EncodedTask
+from .trainer import Callback, TrainConfig, Trainer
 
-__all__ = ["BenchResult", "run_benchmark", "main"]
+__all__ = ["BenchResult", "frozen", "method_config", "ratios", "run_benchmark", "setups", "main"]
 
 
 @dataclass
@@ -64,110 +72,143 @@ class _SavedTensorMeter:
         return sum(self.seen.values())
 
 
-def _state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> int:
-    grads = sum(p.grad.nbytes for p in model.parameters() if p.grad is not None)
-    opt = 0 if optimizer is None else sum(
-        v.nbytes for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
-    return grads + opt
+class _Probe(Callback):
+    """Times every optimizer step (method hooks included) and measures the memory of the last one.
+
+    It runs after the method's own callbacks, so a step's time covers them. The last step runs under
+    the saved-tensor meter (CPU) or a fresh CUDA peak; gradients and optimizer state are counted
+    after its backward, when both exist.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.times: list[float] = []
+        self.memory = 0
+        self._hooks: Any = None
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        self._last = self._now()
+        self._maybe_start_metering(trainer)
+
+    def _maybe_start_metering(self, trainer: Trainer) -> None:
+        if trainer.step != trainer.total_steps - 1:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self._meter = _SavedTensorMeter(trainer.model)
+            self._hooks = torch.autograd.graph.saved_tensors_hooks(self._meter.pack, lambda t: t)
+            self._hooks.__enter__()
+
+    def on_after_backward(self, trainer: Trainer) -> None:
+        if self._hooks is not None:
+            self._hooks.__exit__(None, None, None)
+            self._hooks = None
+            grads = sum(p.grad.nbytes for p in trainer.model.parameters() if p.grad is not None)
+            state = sum(v.nbytes for s in trainer.optimizer.state.values() for v in s.values() if torch.is_tensor(v))
+            self.memory = self._meter.nbytes + grads + state
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        now = self._now()
+        self.times.append(now - self._last)
+        self._last = now
+        if self.device.type == "cuda" and trainer.step == trainer.total_steps:
+            self.memory = torch.cuda.max_memory_allocated()
+        self._maybe_start_metering(trainer)
+
+
+def _task_of(batch: dict[str, torch.Tensor]) -> EncodedTask:
+    """The fixed batch as a two-class encoder task, so that the Trainer collates exactly it."""
+    examples = [{"input_ids": ids.tolist(), "attention_mask": mask.tolist(), "label": int(label)}
+                for ids, mask, label in zip(batch["input_ids"], batch["attention_mask"], batch["labels"])]
+    return EncodedTask(task_info("sst2"), "encoder", examples, pad_id=0)
 
 
 def _measure(name: str, model: nn.Module, batch: dict[str, torch.Tensor], steps: int,
              device: torch.device) -> BenchResult:
-    model.to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
-    batch = {k: v.to(device) for k, v in batch.items()}
-
-    def step(meter: _SavedTensorMeter | None = None) -> None:
-        if meter is None:
-            loss = model(**batch).loss
-        else:
-            with torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda t: t):
-                loss = model(**batch).loss
-        loss.backward()
-        if optimizer is not None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=meter is None)
-
-    times = []
-    for i in range(steps + 2):  # two warm-up steps: allocator and optimizer state
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        memory = torch.cuda.max_memory_allocated()
-    else:
-        meter = _SavedTensorMeter(model)
-        step(meter)  # keeps the gradients (zero_grad sets them to zero, not None) for the count
-        memory = meter.nbytes + _state_bytes(model, optimizer)
+    """``steps`` timed optimizer steps after two warm-up steps (allocator, optimizer state)."""
+    probe = _Probe(device)
+    config = TrainConfig(lr=1e-4, max_steps=steps + 2, batch_size=len(batch["labels"]), warmup_ratio=0.0,
+                         schedule="constant", max_grad_norm=None, device=str(device), progress=False)
+    Trainer(model, _task_of(batch), config, callbacks=[probe]).train()
     trainable, _ = count_parameters(model)
-    return BenchResult(name, statistics.median(times), memory / 2**20, trainable)
+    return BenchResult(name, statistics.median(probe.times[2:]), probe.memory / 2**20, trainable)
 
 
-HEAD = MODELS["minilm"].head_modules  # trained in every setup except "frozen"
+HEAD = list(MODELS["minilm"].head_modules)  # trained in every setup
+TARGETS = list(MODELS["minilm"].all_linear)
+# Knobs the benchmark moves off a method's defaults so that its per-step work is really exercised.
+BENCH_OVERRIDES: dict[str, dict[str, Any]] = {"delta_lora": {"start_step": 0}}
 
 
-def _peft_lora(targets: list[str], r: int, **options: Any) -> Callable[[nn.Module], nn.Module]:
+def frozen(model: nn.Module) -> nn.Module:
+    """Only the head trains; gradients still flow back through the frozen network to the embeddings."""
+    model.requires_grad_(False)
+    for name, module in model.named_modules():
+        if _suffix_match(name, HEAD):
+            module.requires_grad_(True)
+    model.enable_input_require_grads()
+    return model
+
+
+def method_config(cls: type[AdapterConfig], r: int) -> AdapterConfig:
+    """``cls`` on all of MiniLM's linears, LoRA-type methods at rank ``r`` and α = 2r, other knobs at
+    their defaults (VeRA keeps its own shared rank, AdaLoRA its init_r → target_r schedule)."""
+    options: dict[str, Any] = {"target_modules": TARGETS, "modules_to_save": HEAD}
+    if issubclass(cls, LoraConfig):
+        options |= {"r": r, "lora_alpha": 2 * r}
+    return cls(**options | BENCH_OVERRIDES.get(cls.method, {}))
+
+
+def _peft(r: int, **options: Any) -> Callable[[nn.Module], nn.Module]:
+    """peft's LoRA (``use_dora`` for DoRA) or, with ``vera=True``, its VeRA (at VeRA's default rank)."""
     def build(m: nn.Module) -> nn.Module:
-        from peft import LoraConfig as PeftLoraConfig, get_peft_model
-        return get_peft_model(m, PeftLoraConfig(r=r, lora_alpha=2 * r, target_modules=targets,
-                                                modules_to_save=list(HEAD), **options))
+        import peft
+        if options.get("vera"):
+            config = peft.VeraConfig(target_modules=TARGETS, modules_to_save=HEAD)
+        else:
+            config = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, modules_to_save=HEAD, **options)
+        return peft.get_peft_model(m, config)
     return build
-
-
-def _ours(config: AdapterConfig) -> Callable[[nn.Module], nn.Module]:
-    return lambda m: get_adapter_model(m, dataclasses.replace(config, modules_to_save=list(HEAD)))
 
 
 def setups(r: int = 8) -> dict[str, Callable[[nn.Module], nn.Module]]:
     """Name -> function turning a fresh MiniLM classifier into the model to time."""
-    targets = list(MODELS["minilm"].all_linear)
-
-    def frozen(m: nn.Module) -> nn.Module:
-        m.requires_grad_(False)
-        m.enable_input_require_grads()  # gradients reach the embeddings output, nothing else
-        return m
-
-    return {
-        "frozen": frozen,
-        "full": lambda m: m,
-        "lorafam": _ours(LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets)),
-        "peft": _peft_lora(targets, r),
-    }
+    ours = {name: (lambda m, cls=cls: get_adapter_model(m, method_config(cls, r)))
+            for name, cls in import_methods().items()}
+    return {"frozen": frozen, "full": lambda m: m, **ours,
+            "peft:lora": _peft(r), "peft:dora": _peft(r, use_dora=True), "peft:vera": _peft(r, vera=True)}
 
 
 def run_benchmark(batch_size: int = 16, seq_len: int = 128, steps: int = 10, r: int = 8,
                   device: str = "cpu", only: list[str] | None = None) -> list[BenchResult]:
+    all_setups = setups(r)
+    unknown = set(only or ()) - set(all_setups)
+    if unknown:
+        raise ValueError(f"unknown setups {sorted(unknown)}; choose from {list(all_setups)}")
     torch.manual_seed(0)
     base = load_model("minilm", head="sequence_classification", num_labels=2)
     batch = {"input_ids": torch.randint(1000, 20000, (batch_size, seq_len)),
              "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long),
              "labels": torch.randint(0, 2, (batch_size,))}
-    dev = torch.device(device)
-    results = []
-    for name, build in setups(r).items():
-        if only and name not in only:
-            continue
-        results.append(_measure(name, build(copy.deepcopy(base)), batch, steps, dev))
-    return results
+    return [_measure(name, build(copy.deepcopy(base)), batch, steps, torch.device(device))
+            for name, build in all_setups.items() if not only or name in only]
 
 
 def ratios(results: list[BenchResult]) -> dict[str, float]:
+    """LoRA against the frozen floor, and each of our methods against peft's implementation of it."""
     t = {r.name: r.seconds_per_step for r in results}
     out = {}
-    if "lorafam" in t and "frozen" in t:
-        out["lorafam / frozen"] = t["lorafam"] / t["frozen"]
-    if "lorafam" in t and "peft" in t:
-        out["lorafam / peft"] = t["lorafam"] / t["peft"]
-    if "peft" in t and "full" in t:
-        out["peft / full"] = t["peft"] / t["full"]
+    if "lora" in t and "frozen" in t:
+        out["lora / frozen"] = t["lora"] / t["frozen"]
+    for name in t:
+        if f"peft:{name}" in t:
+            out[f"{name} / peft:{name}"] = t[name] / t[f"peft:{name}"]
     return out
 
 
@@ -178,14 +219,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--only", nargs="*", help="setup names (default: all)")
     args = parser.parse_args(argv)
-    results = run_benchmark(args.batch, args.seq, args.steps, args.rank, args.device)
+    results = run_benchmark(args.batch, args.seq, args.steps, args.rank, args.device, args.only)
     print(f"MiniLM, batch {args.batch} x {args.seq} tokens, r={args.rank} on all linear layers, {args.device}, "
           f"{torch.get_num_threads()} threads, median of {args.steps} steps")
     for r in results:
-        print(f"  {r.name:8s} {r.seconds_per_step:8.4f} s/step  {r.memory_mb:8.1f} MB  {r.trainable:>11,} trainable")
+        print(f"  {r.name:11s} {r.seconds_per_step:8.4f} s/step  {r.memory_mb:8.1f} MB  {r.trainable:>11,} trainable")
     for k, v in ratios(results).items():
-        print(f"  {k:18s} {v:.3f}")
+        print(f"  {k:22s} {v:.3f}")
 
 
 if __name__ == "__main__":

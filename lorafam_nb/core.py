@@ -37,7 +37,10 @@ __all__ = [
     "AdapterLayer",
     "AdapterModel",
     "METHODS",
+    "MethodCard",
+    "METHOD_MODULES",
     "get_adapter_model",
+    "import_methods",
     "count_parameters",
     "print_trainable_parameters",
     "register_method",
@@ -48,6 +51,13 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
 
 METHODS: dict[str, type[AdapterConfig]] = {}
+# The package's method modules, one per paper; each registers its config(s) when imported. A new
+# method joins the registry (and everything built from it: loading, the overview table, the
+# experiments grid) by adding its module name here.
+METHOD_MODULES: tuple[str, ...] = (
+    "lora", "lora_plus", "rslora", "vera", "lora_fa", "lora_drop", "adalora", "dora", "delta_lora", "plora",
+    "qlora",
+)
 
 
 def register_method(cls: type[AdapterConfig]) -> type[AdapterConfig]:
@@ -56,6 +66,40 @@ def register_method(cls: type[AdapterConfig]) -> type[AdapterConfig]:
         raise ValueError(f"{cls.__name__} must set the class variable `method`")
     METHODS[cls.method] = cls
     return cls
+
+
+def import_methods() -> dict[str, type[AdapterConfig]]:
+    """Import every method module so that ``METHODS`` is complete; returns it."""
+    for module in METHOD_MODULES:
+        importlib.import_module(f"{__package__}.{module}")
+    return METHODS
+
+
+@dataclass(frozen=True)
+class MethodCard:
+    """What the book says about a method at a glance: one row of the overview table, one timeline point.
+
+    ``date`` is the arXiv first version (``YYYY-MM``, the month the arXiv id's ``yymm`` names);
+    ``params`` is the trainable-parameter count for one adapted ``d_out × d_in`` linear as LaTeX (MyST
+    math), in ``r``, ``d_{in}``, ``d_{out}`` (AdaLoRA: ``r_{init}``) and agrees with the config's
+    ``num_parameters``; ``params_note`` says what the formula leaves out. ``chapter`` is the chapter's
+    document name (``book/chapters/<chapter>``, notebook ``notebooks/<chapter>.ipynb``) and ``bibkey``
+    the key its paper has in the book's bibliography.
+    """
+
+    title: str
+    paper: str
+    arxiv: str
+    date: str
+    idea: str
+    trains: str
+    frozen: str
+    mergeable: bool
+    params: str
+    chapter: str
+    bibkey: str
+    params_note: str = ""
+    merge_note: str = ""
 
 
 class AdapterContext:
@@ -130,6 +174,11 @@ class AdapterConfig:
     # peft interchange (see interop.py): peft's type name and our tensor name -> peft's tensor name.
     peft_type: ClassVar[str | None] = None
     peft_keys: ClassVar[dict[str, str]] = {}
+    # The method's card for the overview page; every registered config sets its own (not inherited).
+    card: ClassVar[MethodCard | None] = None
+    # The size hyperparameter that sets the trainable-parameter count (what the experiments grid tunes
+    # to match a budget through ``num_parameters``).
+    budget_knob: ClassVar[str] = "r"
 
     def make_layer(self, name: str, module: nn.Module) -> AdapterLayer:
         raise NotImplementedError
@@ -162,12 +211,8 @@ class AdapterConfig:
     def from_dict(data: dict[str, Any]) -> AdapterConfig:
         data = dict(data)
         method = data.pop("method", None)
-        if method not in METHODS and isinstance(method, str) and method.isidentifier():
-            # Each method registers when its module (named after it) is imported: load it on demand.
-            try:
-                importlib.import_module(f"{__package__}.{method}")
-            except ModuleNotFoundError:
-                pass
+        if method not in METHODS and method in METHOD_MODULES:
+            importlib.import_module(f"{__package__}.{method}")  # a method registers when its module loads
         if method not in METHODS:
             raise ValueError(f"unknown adapter method {method!r}; registered: {sorted(METHODS)}")
         cls = METHODS[method]

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .core import AdapterModel, register_method
+from .core import AdapterModel, MethodCard, register_method
 from .lora import LoraConfig, LoRALinear
 from .trainer import Callback, Trainer
 
@@ -120,6 +120,15 @@ class DeltaLoraConfig(LoraConfig):
     start_step: int = 500
 
     method = "delta_lora"
+    card = MethodCard(
+        title="Delta-LoRA", paper="Zi et al., arXiv 2023", arxiv="2309.02411", date="2023-09",
+        idea=r"LoRA, and after every step the change of $sBA$, times $\lambda$, is also added to $W$",
+        trains=r"$A$, $B$; $W$ moves by $\lambda\,\Delta(sBA)$ without gradient or optimizer state",
+        frozen="nothing for good: $W$ gets no gradient, but is written", mergeable=True,
+        params=r"r(d_{in}+d_{out})", chapter="delta_lora", bibkey="zi2023deltalora",
+        params_note=r"in the optimizer; $W$ changes too and is saved with the adapter",
+        merge_note="into the updated $W$: the result is a dense weight, not a small adapter",
+    )
     peft_type = None  # W is modified: no peft LoRA file can describe the result
 
     def __post_init__(self) -> None:

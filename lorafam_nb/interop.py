@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .core import METHODS, AdapterConfig, AdapterModel
+from .core import AdapterConfig, AdapterModel, import_methods
 
 __all__ = ["save_peft", "load_peft"]
 
@@ -57,7 +57,7 @@ def load_peft(model: nn.Module, directory: str | Path) -> AdapterModel:
     """Inject the adapter that peft saved in ``directory`` into ``model`` and load its weights."""
     directory = Path(directory)
     peft_config = json.loads((directory / PEFT_CONFIG).read_text())
-    matches = [cls for cls in METHODS.values() if cls.peft_type and cls.peft_matches(peft_config)]
+    matches = [cls for cls in import_methods().values() if cls.peft_type and cls.peft_matches(peft_config)]
     if not matches:
         raise ValueError(
             f"{directory}: no lorafam_nb method reads peft_type={peft_config.get('peft_type')!r} with these options"

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .core import AdapterConfig, AdapterLayer, register_method
+from .core import AdapterConfig, AdapterLayer, MethodCard, register_method
 
 __all__ = ["LoraConfig", "LoRALinear"]
 
@@ -121,6 +121,12 @@ class LoraConfig(AdapterConfig):
     lora_dropout: float = 0.0
 
     method = "lora"
+    card = MethodCard(
+        title="LoRA", paper="Hu et al., ICLR 2022", arxiv="2106.09685", date="2021-06",
+        idea=r"freeze $W_0$ and learn its update as a low-rank product $\frac{\alpha}{r}BA$, merged after training",
+        trains=r"$A$, $B$", frozen=r"$W_0$ (and its bias)", mergeable=True,
+        params=r"r(d_{in}+d_{out})", chapter="lora", bibkey="hu2021lora",
+    )
     peft_type = "LORA"
     peft_keys = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
 

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .core import AdapterModel, register_method
+from .core import AdapterModel, MethodCard, register_method
 from .lora import LoraConfig, LoRALinear
 from .tasks import EncodedTask, batch_to, collate, score_batch
 
@@ -216,6 +216,16 @@ class LoraDropConfig(LoraConfig):
     kept_modules: list[str] = field(default_factory=list)
 
     method = "lora_drop"
+    card = MethodCard(
+        title="LoRA-drop", paper="Zhou et al., COLING 2025", arxiv="2402.07721", date="2024-02",
+        idea=r"score each layer's LoRA by its output energy after a short probe; keep own LoRAs where it is "
+             r"large, one shared LoRA for the other layers of a type",
+        trains=r"$A_i$, $B_i$ of the kept layers; one shared $A$, $B$ per module type", frozen=r"$W_0$",
+        mergeable=True, params=r"r(d_{in}+d_{out})", chapter="lora_drop", bibkey="zhou2025loradrop",
+        params_note=r"per kept layer; the other layers of a module type share one pair: "
+                    r"$r(d_{in}+d_{out})(k+1)$ per type with $k$ kept",
+        merge_note="each layer adds its own or the shared update to its own weight",
+    )
     peft_type = None  # peft has no shared LoRA; merge_and_unload() gives a plain model to export
 
     def __post_init__(self) -> None:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .core import AdapterModel, register_method
+from .core import AdapterModel, MethodCard, register_method
 from .lora import LoraConfig, LoRALinear
 from .trainer import Callback
 
@@ -122,6 +122,13 @@ class LoraFAConfig(LoraConfig):
     """
 
     method = "lora_fa"
+    card = MethodCard(
+        title="LoRA-FA", paper="Zhang et al., arXiv 2023", arxiv="2308.03303", date="2023-08",
+        idea=r"freeze the random down-projection $A$ and train only $B$: backprop keeps $XA^\top$ instead of $X$",
+        trains=r"$B$", frozen=r"$W_0$; the random $A$", mergeable=True,
+        params=r"r\,d_{out}", chapter="lora_fa", bibkey="zhang2023lorafa",
+        params_note=r"plus the frozen $r\,d_{in}$ of $A$",
+    )
 
     def make_layer(self, name: str, module: nn.Module) -> LoRAFALinear:
         return LoRAFALinear(module, self.r, self.lora_alpha, self.lora_dropout, self.scaling())

@@ -32,7 +32,7 @@ from typing import Any
 
 from torch import nn
 
-from .core import AdapterModel, register_method
+from .core import AdapterModel, MethodCard, register_method
 from .lora import LoraConfig
 
 __all__ = ["LoraPlusConfig"]
@@ -46,6 +46,12 @@ class LoraPlusConfig(LoraConfig):
     loraplus_lr_ratio: float = 16.0
 
     method = "lora_plus"
+    card = MethodCard(
+        title="LoRA+", paper="Hayou, Ghosh & Yu, ICML 2024", arxiv="2402.12354", date="2024-02",
+        idea=r"LoRA unchanged, but $B$ learns faster than $A$: $\eta_B=\lambda\eta_A$ with $\lambda\approx 2^4$",
+        trains=r"$A$ (learning rate $\eta$), $B$ ($\lambda\eta$)", frozen=r"$W_0$", mergeable=True,
+        params=r"r(d_{in}+d_{out})", chapter="lora_plus", bibkey="hayou2024loraplus",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .core import AdapterModel, register_method
+from .core import AdapterModel, MethodCard, register_method
 from .delta_lora import BackboneCheckpoint, BackboneLoRALinear, add_to_backbone
 from .lora import LoraConfig
 from .trainer import Callback, Trainer
@@ -97,6 +97,14 @@ class PLoraConfig(LoraConfig):
     momentum: float | None = None
 
     method = "plora"
+    card = MethodCard(
+        title="PeriodicLoRA", paper="Meng et al., arXiv 2024", arxiv="2402.16141", date="2024-02",
+        idea=r"periodically unload $sBA$ into the backbone and restart the LoRA, so the update grows beyond rank $r$",
+        trains=r"$A$, $B$, restarted every stage", frozen=r"$W$ between unloads (no gradient)", mergeable=True,
+        params=r"r(d_{in}+d_{out})", chapter="plora", bibkey="meng2024periodiclora",
+        params_note=r"at any time; the accumulated update is dense, of rank up to $S\,r$ after $S$ stages",
+        merge_note="the result is a dense weight: the backbone already holds the unloaded stages",
+    )
     peft_type = None  # W is modified: no peft LoRA file can describe the result
 
     def __post_init__(self) -> None:

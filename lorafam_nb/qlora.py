@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .core import register_method
+from .core import MethodCard, register_method
 from .lora import LoraConfig, LoRALinear
 
 __all__ = [
@@ -284,6 +284,15 @@ class QLoraConfig(LoraConfig):
     compute_dtype: str = "bfloat16"
 
     method = "qlora"
+    card = MethodCard(
+        title="QLoRA", paper="Dettmers et al., NeurIPS 2023", arxiv="2305.14314", date="2023-05",
+        idea=r"store the frozen base in 4-bit NormalFloat with double-quantised scales; train a LoRA through the "
+             r"de-quantised weight",
+        trains=r"$A$, $B$", frozen=r"$W_0$ as NF4 codes and block constants", mergeable=True,
+        params=r"r(d_{in}+d_{out})", chapter="qlora", bibkey="dettmers2023qlora",
+        params_note=r"the base is stored at about 4.127 bit per parameter",
+        merge_note="only into the de-quantised (dense float) weight, one way: the 4-bit codes are gone",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

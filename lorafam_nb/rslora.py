@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .core import register_method
+from .core import MethodCard, register_method
 from .lora import LoraConfig
 
 __all__ = ["RsLoraConfig"]
@@ -32,6 +32,12 @@ class RsLoraConfig(LoraConfig):
     """LoRA scaled by γ_r = α / √r; same fields as :class:`~lorafam_nb.lora.LoraConfig`."""
 
     method = "rslora"
+    card = MethodCard(
+        title="rsLoRA", paper="Kalajdzievski, arXiv 2023", arxiv="2312.03732", date="2023-12",
+        idea=r"scale the update by $\alpha/\sqrt{r}$ instead of $\alpha/r$, so that larger ranks keep learning",
+        trains=r"$A$, $B$", frozen=r"$W_0$", mergeable=True,
+        params=r"r(d_{in}+d_{out})", chapter="rslora", bibkey="kalajdzievski2023rslora",
+    )
 
     def scaling(self) -> float:
         """γ_r = α / √r."""

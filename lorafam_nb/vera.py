@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .core import AdapterConfig, AdapterContext, AdapterLayer, AdapterModel, register_method
+from .core import AdapterConfig, AdapterContext, AdapterLayer, AdapterModel, MethodCard, register_method
 
 __all__ = ["VeraConfig", "VeRALinear", "VeraProjections", "shared_projections"]
 
@@ -175,6 +175,14 @@ class VeraConfig(AdapterConfig):
     head_lr: float | None = None
 
     method = "vera"
+    card = MethodCard(
+        title="VeRA", paper="Kopiczko, Blankevoort & Asano, ICLR 2024", arxiv="2310.11454", date="2023-10",
+        idea=r"one frozen random pair $A, B$ shared by all layers; each layer trains only two scaling vectors",
+        trains=r"$b\in\mathbb{R}^{d_{out}}$, $d\in\mathbb{R}^{r}$ per layer",
+        frozen=r"$W_0$; the shared random $A$, $B$", mergeable=True,
+        params=r"d_{out}+r", chapter="vera", bibkey="kopiczko2024vera",
+        params_note=r"plus the shared frozen pair, $r(D_{in}+D_{out})$ once per model",
+    )
     peft_type = "VERA"
 
     def __post_init__(self) -> None:

@@ -1,12 +1,20 @@
-"""Shared fixtures: a tiny randomly initialised BERT (fast, real transformers code) and toy tasks."""
+"""Shared fixtures: a tiny randomly initialised BERT (fast, real transformers code), toy tasks, and the
+checks of parity with peft that the LoRA-type methods share."""
 from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
+from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
+from lorafam_nb import AdapterConfig, AdapterModel, get_adapter_model
 from lorafam_nb.data import task_info
 from lorafam_nb.tasks import EncodedTask
+from lorafam_nb.trainer import Callback, Trainer
 
 
 def tiny_bert(seed: int = 0, num_labels: int = 2) -> BertForSequenceClassification:
@@ -28,6 +36,82 @@ def toy_task(n: int = 48, seed: int = 0) -> EncodedTask:
     return EncodedTask(task_info("sst2"), "encoder", examples, pad_id=0)
 
 
+class Interrupt(Callback):
+    """Stops a run with KeyboardInterrupt after optimizer step ``at`` (for checkpoint/resume tests)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        if trainer.step == self.at:
+            raise KeyboardInterrupt
+
+
 @pytest.fixture
 def bert():
     return tiny_bert()
+
+
+# --- parity with peft's LoRA-type layers (LoRA, rsLoRA, LoRA-FA, DoRA, QLoRA share these checks) ---
+PEFT_NAMES = {"lora_A": "lora_A", "lora_B": "lora_B", "magnitude": "lora_magnitude_vector"}
+
+
+def peft_tensor(theirs: nn.Module, name: str, tensor: str) -> torch.Tensor:
+    """peft's copy of our ``tensor`` (``lora_A``, ``lora_B`` or DoRA's ``magnitude``) in layer ``name``."""
+    return getattr(theirs.base_model.model.get_submodule(name), PEFT_NAMES[tensor])["default"].weight
+
+
+def copy_into_peft(ours: AdapterModel, theirs: nn.Module, tensors: tuple[str, ...] = ("lora_A", "lora_B")) -> None:
+    with torch.no_grad():
+        for name, layer in ours.adapter_layers().items():
+            for tensor in tensors:
+                peft_tensor(theirs, name, tensor).copy_(getattr(layer, tensor))
+
+
+def peft_pair(ours_config: AdapterConfig, peft_config: Any,
+              peft_base: Callable[[nn.Module, AdapterModel], nn.Module] | None = None) -> tuple[AdapterModel, nn.Module]:
+    """Ours and peft's adapter on copies of one tiny BERT, with B moved off zero and A, B copied into peft.
+
+    ``peft_base(base, ours)`` gives peft a different base model (QLoRA: the de-quantised weights)."""
+    from peft import get_peft_model
+    base = tiny_bert()
+    ours = get_adapter_model(copy.deepcopy(base), ours_config)
+    theirs = get_peft_model(peft_base(base, ours) if peft_base else copy.deepcopy(base), peft_config)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for layer in ours.adapter_layers().values():
+            layer.lora_B.normal_(0, 0.3)
+    copy_into_peft(ours, theirs)
+    return ours, theirs
+
+
+def assert_peft_parity(ours: AdapterModel, theirs: nn.Module, x: torch.Tensor,
+                       tensors: tuple[str, ...] = ("lora_A", "lora_B"), dropout_seed: int | None = None) -> None:
+    """Same logits (1e-6) and the same gradients of ``tensors`` in every layer; the base weight gets none.
+    ``dropout_seed`` reseeds before each forward so both draw the same dropout masks."""
+    labels = torch.arange(len(x)) % 2
+    outputs = []
+    for model in (ours, theirs):
+        if dropout_seed is not None:
+            torch.manual_seed(dropout_seed)
+        outputs.append(model(input_ids=x, labels=labels))
+    torch.testing.assert_close(outputs[0].logits, outputs[1].logits, atol=1e-6, rtol=0)
+    for out in outputs:
+        out.loss.backward()
+    for name, layer in ours.adapter_layers().items():
+        for tensor in tensors:
+            torch.testing.assert_close(getattr(layer, tensor).grad, peft_tensor(theirs, name, tensor).grad,
+                                       atol=1e-6, rtol=0)
+        assert getattr(layer.base_layer, "weight", None) is None or layer.base_layer.weight.grad is None
+
+
+def gradient_receivers(model: AdapterModel, x: torch.Tensor) -> set[str]:
+    """Moves every B off zero, back-propagates once and returns the parameters that got a non-zero
+    gradient, after checking that they are exactly the trainable ones."""
+    with torch.no_grad():
+        for layer in model.adapter_layers().values():
+            layer.lora_B.normal_()
+    model(input_ids=x, labels=torch.arange(len(x)) % 2).loss.backward()
+    got = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert got == {n for n, p in model.named_parameters() if p.requires_grad}
+    return got

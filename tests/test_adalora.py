@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_bert, toy_task
+from conftest import Interrupt, tiny_bert, toy_task
 from lorafam_nb import AdapterModel, get_adapter_model
 from lorafam_nb.adalora import AdaLoraConfig, AdaLoRALinear, RankAllocator, effective_parameters, rank_pattern
 from lorafam_nb.models import MODELS
@@ -329,15 +329,6 @@ def test_training_follows_the_schedule_and_freezes_the_pattern(trained):
     assert effective_parameters(model) == sum(
         r * (l.base_layer.in_features + l.base_layer.out_features + 1)
         for r, l in zip(pattern.values(), model.adapter_layers().values()))
-
-
-class Interrupt(Callback):
-    def __init__(self, at):
-        self.at = at
-
-    def on_step_end(self, trainer):
-        if trainer.step == self.at:
-            raise KeyboardInterrupt
 
 
 def test_checkpoint_resume_is_exact(trained, tmp_path):

@@ -22,7 +22,14 @@ def test_book_builds_without_warnings(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     html = tmp_path / "_build" / "html"
-    for page in ("index.html", "book/chapters/lora.html", "book/data.html", "book/references.html"):
+    for page in ("index.html", "book/chapters/overview.html", "book/chapters/lora.html", "book/data.html",
+                 "book/changelog.html", "book/references.html"):
         assert (html / page).exists(), page
     lora = (html / "book/chapters/lora.html").read_text()
     assert "Hu et al." in lora and "<img" in lora  # the citation resolved and the figures are embedded
+    # The overview's generated table: MyST math rendered, every chapter link resolved to its page.
+    overview = (html / "book/chapters/overview.html").read_text()
+    assert "<table" in overview and "<img" in overview and r"\(r(d_{in}+d_{out})\)" in overview
+    assert 'href="dora.html"' in overview or "dora" not in (tmp_path / "_toc.yml").read_text()
+    for chapter in ("lora", "lora_plus", "vera", "adalora", "qlora"):
+        assert f'href="{chapter}.html"' in overview, chapter

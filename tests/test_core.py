@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -167,7 +166,6 @@ class TwoExpertFFN(AdapterLayer):
         return self.base_layer.intermediate_act_fn(dense)
 
 
-@register_method
 @dataclass
 class ToyMoEConfig(AdapterConfig):
     method = "toy_moe"
@@ -208,3 +206,25 @@ def test_block_replacement_side_info_and_aux_loss(bert):
     routers = {n: l.router.weight.detach().clone() for n, l in layers.items()}
     trainer.train()
     assert all(not torch.equal(l.router.weight, routers[n]) for n, l in layers.items())
+
+
+def test_every_registered_method_is_exported_and_loads_by_name():
+    import lorafam_nb as lf
+    from lorafam_nb.core import METHOD_MODULES, import_methods
+    methods = import_methods()
+    assert set(methods) == set(METHOD_MODULES)  # one module per paper, named after its method
+    for name, cls in methods.items():
+        assert getattr(lf, cls.__name__) is cls
+        assert AdapterConfig.from_dict({"method": name}).__class__ is cls
+
+
+def test_register_method_needs_a_name_and_makes_a_config_loadable(monkeypatch):
+    from lorafam_nb import core
+    monkeypatch.setattr(core, "METHODS", dict(core.METHODS))  # keep the toy out of the real registry
+    with pytest.raises(ValueError, match="must set"):
+        register_method(type("Nameless", (AdapterConfig,), {}))
+    register_method(ToyMoEConfig)
+    assert AdapterConfig.from_dict({"method": "toy_moe", "target_modules": ["intermediate"]}) == \
+        ToyMoEConfig(target_modules=["intermediate"])
+    with pytest.raises(ValueError, match="unknown adapter method 'nope'"):
+        AdapterConfig.from_dict({"method": "nope"})

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_bert, toy_task
+from conftest import Interrupt, tiny_bert, toy_task
 from lorafam_nb import LoraConfig, get_adapter_model, save_peft
 from lorafam_nb.core import AdapterConfig, AdapterModel
 from lorafam_nb.delta_lora import BackboneLoRALinear, DeltaLoRAUpdate, DeltaLoraConfig
@@ -106,15 +106,6 @@ def test_lambda_zero_is_exactly_lora():
     b = Trainer(model, toy_task(), cfg()).train()
     assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
     assert torch.equal(ref.eval()(input_ids=X).logits, model.eval()(input_ids=X).logits)
-
-
-class Interrupt(Callback):
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def on_step_end(self, trainer):
-        if trainer.step == self.at:
-            raise KeyboardInterrupt
 
 
 def test_checkpoint_resume_restores_w_exactly(tmp_path):

@@ -1,14 +1,13 @@
 """LoRA: the paper's equation, init, parity with peft (forward and gradients), peft interchange."""
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_bert
+from conftest import assert_peft_parity, gradient_receivers, peft_pair, tiny_bert
 from lorafam_nb import LoraConfig, LoRALinear, get_adapter_model, load_peft, save_peft
 
 X = torch.randint(0, 100, (3, 10))
@@ -82,45 +81,24 @@ def test_dropout_only_on_branch():
     torch.testing.assert_close(layer(x), layer.base_layer(x))
 
 
-def _pair(r: int = 4, alpha: float = 8, targets=("query", "value", "dense")):
-    from peft import LoraConfig as PeftConfig, get_peft_model
-    base = tiny_bert()
-    ours = get_adapter_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets)))
-    theirs = get_peft_model(copy.deepcopy(base), PeftConfig(r=r, lora_alpha=alpha, target_modules=list(targets)))
-    torch.manual_seed(1)
-    for name, layer in ours.adapter_layers().items():
-        peft_layer = theirs.base_model.model.get_submodule(name)
-        with torch.no_grad():
-            layer.lora_B.normal_(0, 0.3)
-            peft_layer.lora_A["default"].weight.copy_(layer.lora_A)
-            peft_layer.lora_B["default"].weight.copy_(layer.lora_B)
-    return ours, theirs
+TARGETS = ["query", "value", "dense"]
+
+
+def _pair():
+    from peft import LoraConfig as PeftConfig
+    return peft_pair(LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS),
+                     PeftConfig(r=4, lora_alpha=8, target_modules=TARGETS))
 
 
 def test_parity_with_peft_forward_and_gradients():
     ours, theirs = _pair()
-    labels = torch.tensor([0, 1, 1])
-    out_ours = ours(input_ids=X, labels=labels)
-    out_theirs = theirs(input_ids=X, labels=labels)
-    torch.testing.assert_close(out_ours.logits, out_theirs.logits, atol=1e-6, rtol=0)
-    out_ours.loss.backward()
-    out_theirs.loss.backward()
     assert len(ours.adapter_layers()) == 2 * 5 + 1  # query, value, three denses per block; the pooler dense
-    for name, layer in ours.adapter_layers().items():
-        peft_layer = theirs.base_model.model.get_submodule(name)
-        torch.testing.assert_close(layer.lora_A.grad, peft_layer.lora_A["default"].weight.grad, atol=1e-6, rtol=0)
-        torch.testing.assert_close(layer.lora_B.grad, peft_layer.lora_B["default"].weight.grad, atol=1e-6, rtol=0)
-        assert layer.base_layer.weight.grad is None  # W0 frozen
+    assert_peft_parity(ours, theirs, X)
 
 
 def test_gradients_reach_only_a_b_and_head(bert):
     model = get_adapter_model(bert, LoraConfig(r=4, target_modules=["query", "value"], modules_to_save=["classifier"]))
-    with torch.no_grad():
-        for layer in model.adapter_layers().values():
-            layer.lora_B.normal_()
-    model(input_ids=X, labels=torch.tensor([0, 1, 0])).loss.backward()
-    got = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
-    assert got == {n for n, p in model.named_parameters() if p.requires_grad}
+    got = gradient_receivers(model, X)
     assert all(n.endswith(("lora_A", "lora_B")) or ".classifier." in n for n in got)
 
 
@@ -152,6 +130,6 @@ def test_peft_interchange_with_head(tmp_path):
 
 def test_peft_options_we_do_not_read_are_refused(tmp_path):
     from peft import LoraConfig as PeftConfig, get_peft_model
-    get_peft_model(tiny_bert(), PeftConfig(r=2, target_modules=["query"], use_dora=True)).save_pretrained(tmp_path)
+    get_peft_model(tiny_bert(), PeftConfig(r=2, target_modules=["query"], bias="all")).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="no lorafam_nb method"):
         load_peft(tiny_bert(), tmp_path)

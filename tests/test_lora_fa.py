@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_bert, toy_task
+from conftest import assert_peft_parity, peft_pair, peft_tensor, tiny_bert, toy_task
 from lorafam_nb import LoraConfig, LoRALinear, get_adapter_model, load_peft, save_peft
 from lorafam_nb.bench import _SavedTensorMeter
 from lorafam_nb.core import AdapterConfig, AdapterModel
@@ -220,27 +220,14 @@ def test_training_never_moves_a_and_checkpoints_keep_it(tmp_path):
 
 def test_parity_with_peft_lora_with_frozen_a_and_export(tmp_path):
     """peft's LoRA-FA is its LoRA with lora_A frozen (create_lorafa_optimizer): same logits and B gradients."""
-    from peft import LoraConfig as PeftConfig, PeftModel, get_peft_model
-    base = tiny_bert()
-    ours = get_adapter_model(copy.deepcopy(base), LoraFAConfig(r=4, lora_alpha=8, target_modules=TARGETS))
-    theirs = get_peft_model(copy.deepcopy(base), PeftConfig(r=4, lora_alpha=8, target_modules=TARGETS))
-    torch.manual_seed(1)
-    for name, layer in ours.adapter_layers().items():
-        peft_layer = theirs.base_model.model.get_submodule(name)
-        with torch.no_grad():
-            layer.lora_B.normal_(0, 0.3)
-            peft_layer.lora_A["default"].weight.copy_(layer.lora_A)
-            peft_layer.lora_B["default"].weight.copy_(layer.lora_B)
-        peft_layer.lora_A["default"].weight.requires_grad_(False)
-    labels = torch.tensor([0, 1, 1])
-    out_ours, out_theirs = ours(input_ids=X, labels=labels), theirs(input_ids=X, labels=labels)
-    torch.testing.assert_close(out_ours.logits, out_theirs.logits, atol=1e-6, rtol=0)
-    out_ours.loss.backward()
-    out_theirs.loss.backward()
-    for name, layer in ours.adapter_layers().items():
-        peft_layer = theirs.base_model.model.get_submodule(name)
-        torch.testing.assert_close(layer.lora_B.grad, peft_layer.lora_B["default"].weight.grad, atol=1e-6, rtol=0)
-        assert layer.lora_A.grad is None and peft_layer.lora_A["default"].weight.grad is None
+    from peft import LoraConfig as PeftConfig, PeftModel
+    ours, theirs = peft_pair(LoraFAConfig(r=4, lora_alpha=8, target_modules=TARGETS),
+                             PeftConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    for name in ours.adapter_layers():
+        peft_tensor(theirs, name, "lora_A").requires_grad_(False)
+    assert_peft_parity(ours, theirs, X, ("lora_B",))
+    assert all(layer.lora_A.grad is None and peft_tensor(theirs, name, "lora_A").grad is None
+               for name, layer in ours.adapter_layers().items())
     save_peft(ours, tmp_path)
     loaded = PeftModel.from_pretrained(tiny_bert(), tmp_path)
     torch.testing.assert_close(loaded(input_ids=X).logits, ours(input_ids=X).logits, atol=1e-6, rtol=0)

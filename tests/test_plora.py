@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_bert, toy_task
+from conftest import Interrupt, tiny_bert, toy_task
 from lorafam_nb import LoraConfig, get_adapter_model
 from lorafam_nb.core import AdapterConfig, AdapterModel
 from lorafam_nb.plora import PLoraConfig, PLoRALinear
@@ -137,15 +137,6 @@ def test_accumulated_update_has_rank_above_r():
     ranks = [numerical_rank(l.base_layer.weight - w0[n] + l.delta_weight()) for n, l in model.adapter_layers().items()]
     assert min(ranks) > r and max(ranks) <= steps // 2  # one rank-r piece per stage
     assert all(numerical_rank(l.delta_weight()) <= r for l in lora.adapter_layers().values())
-
-
-class Interrupt(Callback):
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def on_step_end(self, trainer):
-        if trainer.step == self.at:
-            raise KeyboardInterrupt
 
 
 @pytest.mark.parametrize("checkpoint_every,interrupt", [(3, 5), (2, 5)])  # saved at a stage end / mid-stage

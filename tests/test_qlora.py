@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from conftest import tiny_bert, toy_task
+from conftest import assert_peft_parity, gradient_receivers, peft_pair, tiny_bert, toy_task
 from lorafam_nb import AdapterModel, LoraConfig, get_adapter_model, load_peft, save_peft
 from lorafam_nb.core import AdapterConfig
 from lorafam_nb.qlora import (
@@ -163,38 +163,15 @@ def test_identity_at_init_is_the_quantised_model(bert):
 
 def test_parity_with_peft_lora_on_the_dequantised_base():
     """peft (independent code) with the dequantised weights as its dense base and our A, B."""
-    from peft import LoraConfig as PeftConfig, get_peft_model
-    base = tiny_bert()
+    from peft import LoraConfig as PeftConfig
     targets = ["query", "value", "dense"]
-    ours = get_adapter_model(copy.deepcopy(base), QLoraConfig(r=4, lora_alpha=8, target_modules=targets,
-                                                              compute_dtype="float32"))
-    theirs = get_peft_model(_dequantised_copy(base, ours), PeftConfig(r=4, lora_alpha=8, target_modules=targets))
-    torch.manual_seed(1)
-    for name, layer in ours.adapter_layers().items():
-        peft_layer = theirs.base_model.model.get_submodule(name)
-        with torch.no_grad():
-            layer.lora_B.normal_(0, 0.3)
-            peft_layer.lora_A["default"].weight.copy_(layer.lora_A)
-            peft_layer.lora_B["default"].weight.copy_(layer.lora_B)
-    labels = torch.tensor([0, 1, 1])
-    out_ours, out_theirs = ours(input_ids=X, labels=labels), theirs(input_ids=X, labels=labels)
-    torch.testing.assert_close(out_ours.logits, out_theirs.logits, atol=1e-6, rtol=0)
-    out_ours.loss.backward()
-    out_theirs.loss.backward()
-    for name, layer in ours.adapter_layers().items():
-        peft_layer = theirs.base_model.model.get_submodule(name)
-        torch.testing.assert_close(layer.lora_A.grad, peft_layer.lora_A["default"].weight.grad, atol=1e-6, rtol=0)
-        torch.testing.assert_close(layer.lora_B.grad, peft_layer.lora_B["default"].weight.grad, atol=1e-6, rtol=0)
-
+    ours, theirs = peft_pair(QLoraConfig(r=4, lora_alpha=8, target_modules=targets, compute_dtype="float32"),
+                             PeftConfig(r=4, lora_alpha=8, target_modules=targets), peft_base=_dequantised_copy)
+    assert_peft_parity(ours, theirs, X)
 
 def test_gradients_reach_only_a_b_and_head(bert):
     model = get_adapter_model(bert, QLoraConfig(r=4, target_modules="all-linear", modules_to_save=["classifier"]))
-    with torch.no_grad():
-        for layer in model.adapter_layers().values():
-            layer.lora_B.normal_()
-    model(input_ids=X, labels=torch.tensor([0, 1, 0])).loss.backward()
-    got = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
-    assert got == {n for n, p in model.named_parameters() if p.requires_grad}
+    got = gradient_receivers(model, X)
     assert all(n.endswith(("lora_A", "lora_B")) or n.startswith("model.classifier.") for n in got)
     assert all(not b.requires_grad for b in model.buffers())
 

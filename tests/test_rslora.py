@@ -1,7 +1,6 @@
 """rsLoRA: γ_r = α/√r, parity with peft's use_rslora (forward, gradients, files), rank-stable first step."""
 from __future__ import annotations
 
-import copy
 import json
 import math
 
@@ -9,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_bert
-from lorafam_nb import METHODS, AdapterConfig, AdapterModel, LoraConfig, get_adapter_model, load_peft, save_peft
+from conftest import assert_peft_parity, peft_pair, tiny_bert
+from lorafam_nb import METHODS, AdapterConfig, AdapterModel, LoraConfig, load_peft, save_peft
 from lorafam_nb.rslora import RsLoraConfig
 
 X = torch.randint(0, 100, (3, 10))
@@ -34,19 +33,9 @@ def test_scaling_formula_and_layer_equation():
 
 
 def _pair(r: int = 4, alpha: float = 8):
-    from peft import LoraConfig as PeftConfig, get_peft_model
-    base = tiny_bert()
-    ours = get_adapter_model(copy.deepcopy(base), RsLoraConfig(r=r, lora_alpha=alpha, target_modules=TARGETS))
-    theirs = get_peft_model(copy.deepcopy(base), PeftConfig(r=r, lora_alpha=alpha, target_modules=TARGETS,
-                                                             use_rslora=True))
-    torch.manual_seed(1)
-    for name, layer in ours.adapter_layers().items():
-        peft_layer = theirs.base_model.model.get_submodule(name)
-        with torch.no_grad():
-            layer.lora_B.normal_(0, 0.3)
-            peft_layer.lora_A["default"].weight.copy_(layer.lora_A)
-            peft_layer.lora_B["default"].weight.copy_(layer.lora_B)
-    return ours, theirs
+    from peft import LoraConfig as PeftConfig
+    return peft_pair(RsLoraConfig(r=r, lora_alpha=alpha, target_modules=TARGETS),
+                     PeftConfig(r=r, lora_alpha=alpha, target_modules=TARGETS, use_rslora=True))
 
 
 @pytest.mark.parametrize("r", [4, 9])
@@ -54,16 +43,7 @@ def test_parity_with_peft_use_rslora_forward_and_gradients(r):
     ours, theirs = _pair(r=r)
     for name, layer in ours.adapter_layers().items():
         assert layer.scaling == theirs.base_model.model.get_submodule(name).scaling["default"] == 8 / math.sqrt(r)
-    labels = torch.tensor([0, 1, 1])
-    out_ours, out_theirs = ours(input_ids=X, labels=labels), theirs(input_ids=X, labels=labels)
-    torch.testing.assert_close(out_ours.logits, out_theirs.logits, atol=1e-6, rtol=0)
-    out_ours.loss.backward()
-    out_theirs.loss.backward()
-    for name, layer in ours.adapter_layers().items():
-        peft_layer = theirs.base_model.model.get_submodule(name)
-        torch.testing.assert_close(layer.lora_A.grad, peft_layer.lora_A["default"].weight.grad, atol=1e-6, rtol=0)
-        torch.testing.assert_close(layer.lora_B.grad, peft_layer.lora_B["default"].weight.grad, atol=1e-6, rtol=0)
-        assert layer.base_layer.weight.grad is None
+    assert_peft_parity(ours, theirs, X)
 
 
 def test_peft_round_trips(tmp_path):

@@ -6,9 +6,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from conftest import tiny_bert, toy_task
+from conftest import Interrupt, tiny_bert, toy_task
 from lorafam_nb import LoraConfig, get_adapter_model
-from lorafam_nb.core import register_method
 from lorafam_nb.trainer import Callback, TrainConfig, Trainer, _lr_lambda
 
 
@@ -36,15 +35,6 @@ def test_same_seed_same_numbers_and_learning():
     assert [h["loss"] for h in rc.history] != [h["loss"] for h in ra.history]
     assert ra.history[-1]["loss"] < ra.history[0]["loss"]
     assert ra.final["sst2"] >= 0.9  # held-out accuracy: the toy rule is learnable in 60 steps
-
-
-class Interrupt(Callback):
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def on_step_end(self, trainer: Trainer) -> None:
-        if trainer.step == self.at:
-            raise KeyboardInterrupt
 
 
 @pytest.mark.parametrize("grad_accum", [1, 2])
@@ -107,7 +97,6 @@ def test_lr_schedules():
         TrainConfig(schedule="step")
 
 
-@register_method
 @dataclass
 class TwoRateLora(LoraConfig):
     """A LoRA+-shaped config: B gets 4x the LR (exercises the param-group seam)."""

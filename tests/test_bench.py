@@ -1,0 +1,50 @@
+"""The benchmark: every registered method has a setup, and the numbers it reports are the right ones
+(trainable counts, the memory each method's design implies, the measured step count)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorafam_nb import LoraConfig, count_parameters, get_adapter_model
+from lorafam_nb.bench import _measure, method_config, ratios, run_benchmark, setups
+from lorafam_nb.core import import_methods
+from lorafam_nb.models import MODELS
+
+
+def test_every_registered_method_and_the_peft_references_are_set_up():
+    names = set(setups())
+    assert set(import_methods()) | {"frozen", "full", "peft:lora", "peft:dora", "peft:vera"} == names
+    with pytest.raises(ValueError, match="unknown setups \\['nope'\\]"):
+        run_benchmark(only=["nope"])
+
+
+def test_method_configs_use_lora_rank_on_all_linears():
+    lora = method_config(import_methods()["lora"], r=4)
+    assert (lora.r, lora.lora_alpha, lora.target_modules) == (4, 8, list(MODELS["minilm"].all_linear))
+    assert method_config(import_methods()["vera"], r=4).r == 256  # VeRA keeps its own shared rank
+    assert method_config(import_methods()["delta_lora"], r=4).start_step == 0  # its update is timed
+
+
+def test_measure_times_the_requested_steps_and_counts_training_state(bert):
+    batch = {"input_ids": torch.randint(1, 100, (4, 12)), "attention_mask": torch.ones(4, 12, dtype=torch.long),
+             "labels": torch.tensor([0, 1, 0, 1])}
+    model = get_adapter_model(bert, LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"],
+                                               modules_to_save=["classifier"]))
+    result = _measure("lora", model, batch, steps=3, device=torch.device("cpu"))
+    trainable = count_parameters(model)[0]
+    assert result.trainable == trainable and result.seconds_per_step > 0
+    # Training state is at least gradients + two AdamW moments of every trainable float32 parameter.
+    assert result.memory_mb * 2**20 > 3 * 4 * trainable
+
+
+def test_memory_follows_each_design_on_minilm():
+    results = {r.name: r for r in run_benchmark(batch_size=2, seq_len=16, steps=1,
+                                                only=["lora", "lora_fa", "delta_lora", "dora", "peft:dora"])}
+    # LoRA-FA saves A·x (r wide) instead of x and trains no A; Delta-LoRA keeps no gradient or state for W.
+    assert results["lora_fa"].memory_mb < results["lora"].memory_mb
+    assert results["delta_lora"].memory_mb == pytest.approx(results["lora"].memory_mb, rel=0.01)
+    assert results["delta_lora"].trainable == results["lora"].trainable
+    # Ours detaches the norm and keeps no activation-sized tensor of its own; peft's DoRA keeps several.
+    assert results["dora"].memory_mb < results["peft:dora"].memory_mb
+    assert results["dora"].trainable == results["peft:dora"].trainable
+    assert set(ratios(list(results.values()))) == {"dora / peft:dora"}
