@@ -23,7 +23,7 @@ from .models import load_model, load_tokenizer, model_spec
 from .tasks import EncodedTask, encode
 from .trainer import TrainConfig, Trainer, TrainResult, set_seed
 
-__all__ = ["RunOutput", "RunSpec", "build_model", "describe", "encode_task", "run"]
+__all__ = ["RunOutput", "RunSpec", "build_model", "describe", "encode_task", "run", "training_set"]
 
 
 @dataclass
@@ -38,6 +38,12 @@ class RunSpec:
     seed: int = 0
     train: TrainConfig = field(default_factory=TrainConfig)
     label: str = ""  # how tables and legends name this run
+    # Multi-task: train on the union of these tasks (train_n of each) and evaluate on each. ``task``
+    # must be one of them; it picks the head and protocol, so all must be of one kind.
+    mix: tuple[str, ...] = ()
+
+    def task_names(self) -> tuple[str, ...]:
+        return self.mix or (self.task,)
 
     def resolved_protocol(self) -> str:
         spec = model_spec(self.model)
@@ -85,6 +91,12 @@ def encode_task(spec: RunSpec, split: str, n: int | None) -> EncodedTask:
     return encode(rows, spec.task, tokenizer, spec.resolved_protocol(), spec.max_length)
 
 
+def training_set(spec: RunSpec) -> EncodedTask:
+    """``train_n`` training examples of each of ``spec.task_names()``, pooled (the trainer shuffles)."""
+    parts = [encode_task(dataclasses.replace(spec, task=t), "train", spec.train_n) for t in spec.task_names()]
+    return dataclasses.replace(parts[0], examples=[e for part in parts for e in part.examples])
+
+
 def describe(finetune: str | AdapterConfig) -> str:
     if isinstance(finetune, str):
         return {"head": "head only", "full": "full fine-tuning"}[finetune]
@@ -98,27 +110,39 @@ class RunOutput:
     row: dict[str, Any]  # flat, for tables: label, metric, parameter counts, sizes, timing, machine
     history: list[dict[str, Any]]  # logged training steps
     model: nn.Module  # the trained model, for checks such as merging
+    trainer: Trainer  # its callbacks hold method state (AdaLoRA's rank allocator, LoRA-drop's scores)
 
 
 def run(spec: RunSpec, model: nn.Module | None = None) -> RunOutput:
-    """Train and evaluate ``spec``; the row names the protocol, sizes, seed and machine."""
+    """Train and evaluate ``spec``; the row names the protocol, sizes, seed and machine.
+
+    ``row[metric]`` is the metric on ``spec.task``, or its mean over ``spec.mix``; ``row["per_task"]``
+    holds each task's.
+    """
+    if spec.mix and spec.task not in spec.mix:
+        raise ValueError(f"task {spec.task!r} must be one of mix {spec.mix}")
     info = task_info(spec.task)
-    train = encode_task(spec, "train", spec.train_n)
-    evaluation = encode_task(spec, info.eval_split, spec.eval_n)
+    train = training_set(spec)
+    evaluations = [encode_task(dataclasses.replace(spec, task=t), task_info(t).eval_split, spec.eval_n)
+                   for t in spec.task_names()]
     model = model if model is not None else build_model(spec)
     trainable, total = count_parameters(model)
     train_cfg = dataclasses.replace(spec.train, seed=spec.seed)
     started = time.perf_counter()
-    result: TrainResult = Trainer(model, train, train_cfg, eval_tasks=[evaluation]).train()
+    trainer = Trainer(model, train, train_cfg, eval_tasks=evaluations)
+    result: TrainResult = trainer.train()
     metric = "pearson" if info.kind == "regression" else "accuracy"
+    per_task = {e.info.name: result.final[e.info.name] for e in evaluations}
     row = {
-        "label": spec.label or describe(spec.finetune), "model": spec.model, "task": spec.task,
-        "protocol": spec.resolved_protocol(), "metric": metric, metric: result.final[info.name],
+        "label": spec.label or describe(spec.finetune), "model": spec.model, "task": "+".join(spec.mix) or spec.task,
+        "protocol": spec.resolved_protocol(), "metric": metric, metric: sum(per_task.values()) / len(per_task),
+        "per_task": per_task,
         "trainable": trainable, "total": total, "trainable_pct": 100 * trainable / total,
-        "train_n": len(train), "eval_n": len(evaluation), "eval_split": info.eval_split, "seed": spec.seed,
+        "train_n": len(train), "eval_n": sum(len(e) for e in evaluations),
+        "eval_split": ",".join(dict.fromkeys(task_info(t).eval_split for t in per_task)), "seed": spec.seed,
         "steps": result.steps, "s_per_step": result.seconds_per_step,
         "wall_s": time.perf_counter() - started,
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
     }
-    return RunOutput(row, result.history, model)
+    return RunOutput(row, result.history, model, trainer)
 

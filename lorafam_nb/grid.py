@@ -1,0 +1,470 @@
+"""The experiments grid: every registered method × model × task (and the five-task mix) at one budget.
+
+The reference comparison table (TUDB-Labs, Awesome-LLM-LoRA) fine-tunes one adapter per commonsense
+task and matches the methods' trainable-parameter counts. This module reproduces that layout from our
+own runs:
+
+1. :func:`plan` expands a :class:`Profile` into :class:`GridRun` cells. Every method of the registry
+   (:func:`~lorafam_nb.core.import_methods`) gets the size knob (``AdapterConfig.budget_knob``) whose
+   closed-form count (``num_parameters`` summed over the adapted linears) is nearest to LoRA's count at
+   the profile's reference rank (:func:`match_budget`). Everything is validated before any training.
+2. :func:`run_grid` trains each cell with the book's ordinary run (:func:`lorafam_nb.experiment.run`)
+   and writes one JSON record per cell, named by a hash of the cell's full config. A cell whose file
+   exists is not trained again, so a changed config retrains only the cells it changes.
+3. :func:`comparison_table`, :func:`multitask_table` and :func:`budget_table` are built from those
+   records alone.
+
+Two methods cannot simply be matched. VeRA's count, ``Σ d_out + n·r``, reaches a LoRA budget only at
+ranks far beyond any matrix's dimension; it runs at its largest sensible rank and is reported as not
+matched. LoRA-drop's final count is known only after its probe run: the grid matches its pre-probe
+count (plain LoRA at the same rank) and records the post-probe count the run really trained.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import experiment
+from .core import (METHOD_MODULES, AdapterConfig, AdapterModel, _suffix_match, count_parameters, import_methods,
+                   target_module_names)
+from .data import load_task
+from .experiment import RunSpec, build_model, training_set
+from .lora import LoraConfig
+from .lora_drop import LoraDropConfig, importance, output_energy, select_layers, stratified_sample
+from .models import MODELS, load_model
+from .trainer import TrainConfig, Trainer
+
+__all__ = [
+    "MIX", "PROFILES", "REFERENCE_MODELS", "TASKS", "Budget", "GridReport", "GridRun", "ModelSettings",
+    "Profile", "budget_table", "comparison_table", "default_results_dir", "execute", "load_results",
+    "lora_drop_selection", "match_budget", "model_shape", "multitask_table", "plan", "run_grid",
+]
+
+TASKS = ("arc_e", "arc_c", "boolq", "obqa", "piqa")  # the reference table's columns, in its order
+TASK_TITLES = {"arc_e": "ARC-e", "arc_c": "ARC-c", "boolq": "BoolQ", "obqa": "OBQA", "piqa": "PIQA"}
+MIX = "mix"  # the cell that trains one adapter on the union of the profile's tasks
+TOLERANCE = 0.05  # a budget counts as matched within ±5 %
+# The reference table's base models, runnable by hub id (profile "full", a GPU and the hub needed).
+REFERENCE_MODELS = {"gemma-2b": "google/gemma-2b", "llama2-7b": "meta-llama/Llama-2-7b-hf"}
+
+
+# --- profiles ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """How one model trains in a profile. ``train_n``/``eval_n`` are per task (None: the whole split);
+    the mix trains on ``train_n`` of every task."""
+
+    train_n: int | None
+    eval_n: int | None
+    max_length: int
+    batch_size: int
+    lr: float
+    epochs: float = 1.0
+    grad_accum: int = 1
+    schedule: str = "linear"
+    protocol: str | None = None  # None: RunSpec's choice ("label_token" for the decoder)
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    models: dict[str, ModelSettings]
+    methods: tuple[str, ...] | None = None  # None: every registered method
+    skip: dict[str, str] = field(default_factory=dict)  # method -> why this profile does not run it
+    tasks: tuple[str, ...] = TASKS
+    multi_task: bool = True
+    reference_rank: int = 8  # the budget: LoRA's count at this rank on the same (all) linears
+    probe_steps: int = 20  # LoRA-drop's probe: optimizer steps, stratified sample size, threshold T
+    probe_n: int = 64
+    probe_threshold: float = 0.9
+
+
+PROFILES: dict[str, Profile] = {
+    # Pipeline check for CI (< 1 min): a few examples, LoRA and VeRA (matched and not), MiniLM only.
+    "smoke": Profile("smoke", {"minilm": ModelSettings(8, 16, 32, 8, 1e-3)},
+                     methods=("lora", "vera"), probe_steps=1, probe_n=8),
+    # The rendered book: every method on both embedded models, subsampled (sized for ~45 min on 2 CPU cores).
+    "book": Profile("book", {"minilm": ModelSettings(128, 150, 48, 16, 1e-3),
+                             "smollm2-135m": ModelSettings(16, 32, 96, 8, 5e-4)},
+                    probe_steps=4, probe_n=32),
+    # The reference table's setting (its per-run configs): r=80 on all linears, batch 16 as 4 × 4,
+    # constant LR 1e-4, 2 epochs, cutoff 512, whole splits. For a GPU with access to the hub.
+    "full": Profile("full", {name: ModelSettings(None, None, 512, 4, 1e-4, epochs=2, grad_accum=4,
+                                                 schedule="constant", protocol="label_token")
+                             for name in REFERENCE_MODELS.values()},
+                    reference_rank=80, probe_steps=200, probe_n=1000),
+}
+
+
+def _model_id(name: str) -> str:
+    """A short name of an embedded model, a reference alias (``gemma-2b``) resolved, or a hub id."""
+    name = REFERENCE_MODELS.get(name, name)
+    if name not in MODELS and "/" not in name:
+        raise ValueError(f"unknown model {name!r}; allowed: embedded {sorted(MODELS)}, reference "
+                         f"{sorted(REFERENCE_MODELS)}, or a Hugging Face hub id such as 'google/gemma-2b'")
+    return name
+
+
+# --- budgets ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What budgets depend on: the adapted linears' ``(d_in, d_out)`` and the base model's size."""
+
+    model: str
+    targets: list[str] | str
+    linears: tuple[tuple[int, int], ...]
+    base_parameters: int  # the pretrained model without any task head
+
+
+def model_shape(model: str) -> ModelShape:
+    """Shapes of the linears "all linear layers" means for ``model`` (the reference table's choice)."""
+    model = _model_id(model)
+    targets: list[str] | str = list(MODELS[model].all_linear) if model in MODELS else "all-linear"
+    if model in MODELS:
+        base: nn.Module = load_model(model, head="base")
+    else:  # hub models: built on the meta device from their config, no weights needed for shapes
+        from transformers import AutoConfig, AutoModel
+
+        with torch.device("meta"):
+            base = AutoModel.from_config(AutoConfig.from_pretrained(model))
+    names = target_module_names(base, LoraConfig(target_modules=targets))
+    linears = tuple((base.get_submodule(n).in_features, base.get_submodule(n).out_features) for n in names)
+    return ModelShape(model, targets, linears, count_parameters(base)[1])
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A method's size knob chosen for a target count; ``closed_form`` is its count by ``num_parameters``."""
+
+    method: str
+    knob: str
+    value: int
+    max_value: int
+    target: int
+    closed_form: int
+
+    @property
+    def deviation(self) -> float:
+        return self.closed_form / self.target - 1
+
+    @property
+    def matched(self) -> bool:
+        return abs(self.deviation) <= TOLERANCE
+
+
+def _method_settings(method: str, value: int, steps: int, lr: float) -> dict[str, Any]:
+    """Settings beyond the knob. The papers' step counts assume thousands of steps, so the schedules of
+    AdaLoRA, Delta-LoRA and PLoRA are scaled to the run's length; VeRA trains its vectors at a higher
+    LR (see :data:`LR_SCALE`) and its head at the profile's."""
+    return {
+        "adalora": {"target_r": max(1, round(2 * value / 3)), "tinit": steps // 10, "tfinal": steps // 5},
+        "delta_lora": {"start_step": steps // 10},
+        "plora": {"unload_every": max(1, steps // 4)},
+        "vera": {"head_lr": lr},
+    }.get(method, {})
+
+
+LR_SCALE = {"vera": 30.0}  # the VeRA chapter's vector LR, 3e-2 against LoRA's 1e-3
+
+
+def make_config(cls: type[AdapterConfig], value: int, targets: list[str] | str, steps: int = 1,
+                lr: float = 1e-3) -> AdapterConfig:
+    """``cls`` with its knob at ``value``; ``lora_alpha = 2 × knob`` where the method has one (the
+    reference's α = 2r, a scale of 2 for LoRA)."""
+    kwargs: dict[str, Any] = {cls.budget_knob: value, "target_modules": targets,
+                              **_method_settings(cls.method, value, steps, lr)}
+    if "lora_alpha" in {f.name for f in dataclasses.fields(cls)}:
+        kwargs["lora_alpha"] = 2.0 * value
+    return cls(**kwargs)
+
+
+def closed_form_count(config: AdapterConfig, linears: Sequence[tuple[int, int]]) -> int:
+    if not hasattr(config, "num_parameters"):
+        raise ValueError(f"{config.method} has no num_parameters(d_in, d_out), so its budget cannot be matched")
+    return sum(config.num_parameters(d_in, d_out) for d_in, d_out in linears)
+
+
+def match_budget(cls: type[AdapterConfig], linears: Sequence[tuple[int, int]], target: int) -> Budget:
+    """The knob value whose closed-form count is nearest ``target`` (ties: the larger value, so that
+    DoRA, whose magnitudes put r=8 and r=7 equally far from LoRA's r=8 on MiniLM, keeps LoRA's rank as
+    the paper and the reference table do).
+
+    Values run from 1 to the largest rank any adapted ``ΔW`` can have, ``max min(d_in, d_out)``: a larger
+    knob adds parameters but no expressiveness. A target below the count at 1 (by more than the
+    tolerance) is an error; a target above the count at the largest value gives that value, unmatched.
+    """
+    top = max(min(d_in, d_out) for d_in, d_out in linears)
+    counts = {v: closed_form_count(make_config(cls, v, "all-linear"), linears) for v in range(1, top + 1)}
+    if counts[1] > target * (1 + TOLERANCE):
+        raise ValueError(f"budget {target:,} is below {cls.method}'s minimum {counts[1]:,} ({cls.budget_knob}=1) "
+                         f"on these linears; allowed: budgets of at least {counts[1] / (1 + TOLERANCE):,.0f}")
+    value = min(counts, key=lambda v: (abs(counts[v] - target), -v))
+    return Budget(cls.method, cls.budget_knob, value, top, target, counts[value])
+
+
+# --- the grid ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GridRun:
+    """One cell: everything that determines its result. Its :attr:`key` hashes all of it."""
+
+    profile: str
+    model: str
+    method: str
+    task: str  # one of TASKS, or MIX
+    tasks: tuple[str, ...]  # what the cell trains on (one task, or the mix's)
+    adapter: dict[str, Any]  # the adapter config's to_dict()
+    budget: dict[str, Any]  # asdict(Budget)
+    settings: dict[str, Any]  # asdict(ModelSettings), LR already scaled for the method
+    base_parameters: int
+    seed: int
+    probe: dict[str, Any] = field(default_factory=dict)  # LoRA-drop only: steps, n, threshold
+
+    @property
+    def key(self) -> str:
+        blob = json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def spec(self, config: AdapterConfig, device: str = "auto") -> RunSpec:
+        s = self.settings
+        train = TrainConfig(lr=s["lr"], epochs=s["epochs"], batch_size=s["batch_size"], grad_accum=s["grad_accum"],
+                            schedule=s["schedule"], device=device, progress=False, log_every=5)
+        return RunSpec(model=self.model, task=self.tasks[0], mix=self.tasks if self.task == MIX else (),
+                       finetune=config, train_n=s["train_n"], eval_n=s["eval_n"], max_length=s["max_length"],
+                       protocol=s["protocol"], seed=self.seed, train=train, label=self.method)
+
+
+def _resolve_profile(profile: Profile | str) -> Profile:
+    if isinstance(profile, Profile):
+        return profile
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; allowed: {', '.join(PROFILES)}")
+    return PROFILES[profile]
+
+
+def _steps(tasks: Sequence[str], s: ModelSettings) -> int:
+    """The trainer's optimizer steps for these tasks (its own formula, from the real split sizes)."""
+    n = sum(len(load_task(t, "train", n=s.train_n)) for t in tasks)
+    return max(1, math.ceil(s.epochs * math.ceil(n / (s.batch_size * s.grad_accum))))
+
+
+def plan(profile: Profile | str, seed: int = 0) -> list[GridRun]:
+    """Every cell of ``profile``, budgets matched; raises ``ValueError`` (saying what is allowed) on an
+    unknown profile, method, task or model, or an unreachable budget, before anything trains."""
+    profile = _resolve_profile(profile)
+    registry = import_methods()
+    # The book's chapter order first (the registry's order depends on which module was imported first).
+    known = [m for m in METHOD_MODULES if m in registry] + [m for m in registry if m not in METHOD_MODULES]
+    methods = tuple(m for m in profile.methods or known if m not in profile.skip)
+    for method in (*methods, *profile.skip):
+        if method not in registry:
+            raise ValueError(f"unknown method {method!r}; registered: {', '.join(sorted(registry))}")
+    for task in profile.tasks:
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; allowed: {', '.join(TASKS)} (the multiple-choice suite)")
+    models = {_model_id(name): settings for name, settings in profile.models.items()}
+    cells = [(task, (task,)) for task in profile.tasks] + ([(MIX, profile.tasks)] if profile.multi_task else [])
+    runs = []
+    for model, settings in models.items():
+        shape = model_shape(model)
+        target = closed_form_count(LoraConfig(r=profile.reference_rank), shape.linears)
+        budgets = {m: match_budget(registry[m], shape.linears, target) for m in methods}
+        steps = {task: _steps(tasks, settings) for task, tasks in cells}
+        for method in methods:
+            lr = settings.lr * LR_SCALE.get(method, 1.0)
+            for task, tasks in cells:
+                config = make_config(registry[method], budgets[method].value, shape.targets, steps[task],
+                                     settings.lr)
+                probe = (dict(steps=profile.probe_steps, n=profile.probe_n, threshold=profile.probe_threshold)
+                         if isinstance(config, LoraDropConfig) else {})
+                runs.append(GridRun(profile.name, model, method, task, tasks, config.to_dict(),
+                                    dataclasses.asdict(budgets[method]),
+                                    dataclasses.asdict(dataclasses.replace(settings, lr=lr)),
+                                    shape.base_parameters, seed, probe))
+    return runs
+
+
+def lora_drop_selection(spec: RunSpec, config: LoraDropConfig, steps: int, n: int,
+                        threshold: float) -> LoraDropConfig:
+    """LoRA-drop's first stage on ``spec``'s training data: train plain LoRA of the same rank for
+    ``steps``, score each layer's output energy on a stratified sample of ``n``, keep the layers that
+    cover ``threshold`` of it per module type."""
+    lora = LoraConfig(r=config.r, lora_alpha=config.lora_alpha, target_modules=config.target_modules)
+    probe = dataclasses.replace(spec, finetune=lora)
+    data = training_set(probe)
+    model = build_model(probe)
+    Trainer(model, data, dataclasses.replace(spec.train, max_steps=steps, seed=spec.seed)).train()
+    sample = stratified_sample(data, min(n, len(data)), seed=spec.seed)
+    return dataclasses.replace(config, kept_modules=select_layers(importance(output_energy(model, sample)), threshold))
+
+
+def adapter_parameters(model: AdapterModel) -> tuple[int, int]:
+    """(adapter, head) trainable parameter counts: the head (``modules_to_save``) is counted apart."""
+    heads = model.adapter_config.modules_to_save
+    seen: dict[int, int] = {}
+    for name, module in model.model.named_modules():
+        if name and _suffix_match(name, heads):
+            seen.update({id(p): p.numel() for p in module.parameters() if p.requires_grad})
+    head = sum(seen.values())
+    return count_parameters(model)[0] - head, head
+
+
+def execute(run: GridRun, device: str = "auto") -> dict[str, Any]:
+    """Train one cell and return its record (nothing is written)."""
+    started = time.perf_counter()
+    config = AdapterConfig.from_dict(run.adapter)
+    spec = run.spec(config, device)
+    if isinstance(config, LoraDropConfig):
+        config = lora_drop_selection(spec, config, **run.probe)
+        spec = dataclasses.replace(spec, finetune=config)
+    model = build_model(spec)
+    adapter, head = adapter_parameters(model)
+    out = experiment.run(spec, model)
+    return {
+        "key": run.key, "config": dataclasses.asdict(run), "profile": run.profile, "seed": run.seed,
+        "model": run.model, "method": run.method, "task": run.task,
+        "data": {"train_n": out.row["train_n"], "eval_n": {t.info.name: len(t) for t in out.trainer.eval_tasks},
+                 "eval_split": out.row["eval_split"], "protocol": out.row["protocol"]},
+        "params": {"closed_form": run.budget["closed_form"], "real": adapter, "head": head,
+                   "target": run.budget["target"], "base": run.base_parameters},
+        "kept_modules": getattr(config, "kept_modules", None),
+        "accuracy": out.row["per_task"], "steps": out.row["steps"], "s_per_step": out.row["s_per_step"],
+        "wall_s": time.perf_counter() - started, "machine": out.row["machine"], "node": platform.node(),
+    }
+
+
+def default_results_dir() -> Path:
+    """``$LORAFAM_RESULTS``, else ``results/`` at the repository root."""
+    return Path(os.environ.get("LORAFAM_RESULTS") or Path(__file__).resolve().parents[1] / "results")
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write atomically: an interrupted run never leaves a half-written record that would count as done."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+        json.dump(data, f, indent=1)
+    os.replace(f.name, path)
+
+
+def load_results(results_dir: str | Path, keys: Sequence[str]) -> list[dict[str, Any]]:
+    """The records of ``keys`` (missing ones skipped), in the order of ``keys``."""
+    paths = [Path(results_dir) / f"{key}.json" for key in keys]
+    return [json.loads(p.read_text()) for p in paths if p.exists()]
+
+
+@dataclass
+class GridReport:
+    runs: list[GridRun]
+    trained: list[str]  # keys trained by this call
+    cached: list[str]  # keys whose record already existed
+    results: list[dict[str, Any]]  # every run's record, read back from its file
+
+
+def run_grid(runs: Sequence[GridRun], results_dir: str | Path | None = None, device: str = "auto",
+             log: Callable[[str], None] | None = print) -> GridReport:
+    """Train every cell of ``runs`` that has no record in ``results_dir`` yet; returns what happened."""
+    directory = Path(results_dir) if results_dir is not None else default_results_dir()
+    trained, cached = [], []
+    for i, run in enumerate(runs, 1):
+        path = directory / f"{run.key}.json"
+        if path.exists():
+            cached.append(run.key)
+            continue
+        record = execute(run, device)
+        _write_json(path, record)
+        trained.append(run.key)
+        if log:
+            acc = " ".join(f"{t}={a:.3f}" for t, a in record["accuracy"].items())
+            log(f"[{i}/{len(runs)}] {run.model} {run.method} {run.task}: {acc} ({record['wall_s']:.1f} s)")
+    return GridReport(list(runs), trained, cached, load_results(directory, [r.key for r in runs]))
+
+
+# --- tables -----------------------------------------------------------------------------------------
+
+def _params_cell(values: Sequence[int]) -> str:
+    lo, hi = min(values), max(values)
+    return f"{lo:,}" if lo == hi else f"{lo:,}–{hi:,}"
+
+
+def comparison_table(results: Sequence[dict[str, Any]], multi: bool = False) -> Any:
+    """The reference table's layout from our records: one row per (model, method), accuracy in %.
+
+    Single-task cells (``multi=False``) give each task's column from its own adapter; ``multi=True``
+    reads every column from the one adapter trained on the mix. #Params is the real adapter count
+    (head excluded; a range where LoRA-drop's probe kept different layers per task).
+    """
+    import pandas as pd
+
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    params: dict[tuple[str, str], list[int]] = {}
+    for r in results:
+        if (r["task"] == MIX) != multi:
+            continue
+        key = (r["model"], r["method"])
+        row = rows.setdefault(key, {"Base model": r["model"], "PEFT method": r["method"]})
+        params.setdefault(key, []).append(r["params"]["real"])
+        row["base"] = r["params"]["base"]
+        for task, acc in r["accuracy"].items():
+            row[TASK_TITLES[task]] = round(100 * acc, 1)
+    out = []
+    for key, row in rows.items():
+        accs = [row[t] for t in TASK_TITLES.values() if t in row]
+        out.append({"Base model": row["Base model"], "PEFT method": row["PEFT method"],
+                    "#Params": _params_cell(params[key]),
+                    "%Params": f"{100 * max(params[key]) / row.pop('base'):.3g}%",
+                    **{t: row.get(t) for t in TASK_TITLES.values()},
+                    "AVG": round(sum(accs) / len(accs), 1) if accs else None})
+    return pd.DataFrame(out)
+
+
+def multitask_table(results: Sequence[dict[str, Any]]) -> Any:
+    """Per (model, method): single-task AVG, the mix adapter's AVG over the same tasks, and the drop."""
+    import pandas as pd
+
+    single, multi = comparison_table(results), comparison_table(results, multi=True)
+    merged = single.merge(multi, on=["Base model", "PEFT method"], suffixes=(" single", " multi"))
+    tasks = [t for t in TASK_TITLES.values() if merged[f"{t} single"].notna().any()]
+    frame = merged[["Base model", "PEFT method"]].copy()
+    for t in tasks:
+        frame[f"Δ {t}"] = (merged[f"{t} multi"] - merged[f"{t} single"]).round(1)
+    frame["AVG single"], frame["AVG multi"] = merged["AVG single"], merged["AVG multi"]
+    frame["Δ AVG"] = (merged["AVG multi"] - merged["AVG single"]).round(1)
+    return pd.DataFrame(frame)
+
+
+def budget_table(results: Sequence[dict[str, Any]]) -> Any:
+    """Per (model, method): the knob chosen, the target, the closed-form and the real adapter counts."""
+    import pandas as pd
+
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in results:
+        b, p = r["config"]["budget"], r["params"]
+        row = out.setdefault((r["model"], r["method"]), {
+            "model": r["model"], "method": r["method"], "knob": f"{b['knob']}={b['value']}",
+            "target": b["target"], "closed form": b["closed_form"], "real (min)": p["real"], "real (max)": p["real"],
+            "deviation %": round(100 * (b["closed_form"] / b["target"] - 1), 2),
+        })
+        row["real (min)"], row["real (max)"] = min(row["real (min)"], p["real"]), max(row["real (max)"], p["real"])
+        row["head"] = p["head"]
+        within = abs(b["closed_form"] / b["target"] - 1) <= TOLERANCE
+        row["status"] = ("matched" if within else
+                         f"nearest achievable ({b['knob']} ≤ {b['max_value']})" if b["value"] == b["max_value"]
+                         else "nearest achievable")
+        if r["kept_modules"] is not None:
+            row["status"] += "; pre-probe count matched, real = after the probe"
+    return pd.DataFrame(list(out.values()))

@@ -1,0 +1,147 @@
+"""The experiments grid: budget matching, closed-form vs real counts, validation, caching, tables."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from lorafam_nb import grid
+from lorafam_nb.core import get_adapter_model, import_methods
+from lorafam_nb.grid import MIX, ModelSettings, Profile
+
+from conftest import tiny_bert
+
+# MiniLM-L6's six adapted linears per block (d_in, d_out), six blocks: S_io = 41,472, S_out = 20,736.
+MINILM = [(384, 384)] * 4 + [(384, 1536), (1536, 384)]
+MINILM = MINILM * 6
+LORA8 = 8 * 41_472  # 331,776
+
+
+def test_match_budget_on_minilm_shapes():
+    methods = import_methods()
+    budgets = {m: grid.match_budget(methods[m], MINILM, LORA8) for m in methods}
+    for m in ("lora", "lora_plus", "rslora", "qlora", "plora", "delta_lora", "lora_drop"):
+        assert (budgets[m].value, budgets[m].closed_form, budgets[m].matched) == (8, LORA8, True), m
+    assert (budgets["lora_fa"].value, budgets["lora_fa"].closed_form) == (16, LORA8)  # r·S_out, 2 r_L
+    # DoRA, r S_io + S_out: r=8 is +6.25 %, r=7 is −6.25 %; nothing within ±5 %, the tie keeps LoRA's rank.
+    assert (budgets["dora"].value, budgets["dora"].closed_form, budgets["dora"].matched) == (8, 352_512, False)
+    # AdaLoRA's knob is init_r: init_r (S_io + n) = 8 · 41,508.
+    assert (budgets["adalora"].knob, budgets["adalora"].value, budgets["adalora"].closed_form) == ("init_r", 8, 332_064)
+    # VeRA (S_out + n r) cannot reach it: it stops at its largest sensible rank, unmatched.
+    vera = budgets["vera"]
+    assert (vera.value, vera.max_value, vera.closed_form, vera.matched) == (384, 384, 20_736 + 36 * 384, False)
+    for b in budgets.values():  # no other knob value is nearer to the target
+        assert abs(b.closed_form - LORA8) <= min(
+            abs(grid.closed_form_count(grid.make_config(methods[b.method], v, "all-linear"), MINILM) - LORA8)
+            for v in (max(1, b.value - 1), min(b.max_value, b.value + 1)))
+
+
+def test_budget_below_minimum_fails_with_the_minimum():
+    methods = import_methods()
+    with pytest.raises(ValueError, match=r"below dora's minimum 62,208 \(r=1\).*at least"):
+        grid.match_budget(methods["dora"], MINILM, 1_000)
+
+
+@pytest.mark.parametrize("method", sorted(import_methods()))
+def test_closed_form_equals_real_count(method):
+    """num_parameters summed over the adapted linears is what the injected model really trains
+    (LoRA-drop with every layer kept is its pre-probe count; sharing can only lower it)."""
+    model = tiny_bert()
+    targets = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+    shapes = [(m.in_features, m.out_features) for n, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and any(n.endswith("." + t) for t in targets)]
+    cls = import_methods()[method]
+    budget = grid.match_budget(cls, shapes, 4 * sum(i + o for i, o in shapes))
+    config = grid.make_config(cls, budget.value, targets)
+    if method == "lora_drop":
+        config = dataclasses.replace(config, kept_modules=[n for n, _ in model.named_modules()
+                                                           if any(n.endswith("." + t) for t in targets)])
+    if method == "qlora":
+        config = dataclasses.replace(config, compute_dtype="float32")
+    adapted = get_adapter_model(model, dataclasses.replace(config, modules_to_save=["classifier"]))
+    adapter, head = grid.adapter_parameters(adapted)
+    assert head == 32 * 2 + 2
+    assert adapter == budget.closed_form
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(methods=("lora", "nolora")), r"unknown method 'nolora'; registered: .*lora_fa"),
+    (dict(tasks=("arc_e", "sst3")), r"unknown task 'sst3'; allowed: arc_e, arc_c, boolq, obqa, piqa"),
+    (dict(models={"bert": ModelSettings(4, 4, 16, 4, 1e-3)}), r"unknown model 'bert'; allowed: embedded"),
+    (dict(skip={"nolora": "why"}), r"unknown method 'nolora'; registered: "),
+    (dict(reference_rank=1, methods=("dora",)), r"budget 41,472 is below dora's minimum 62,208"),
+])
+def test_bad_configs_fail_before_training(tmp_path, change, message):
+    profile = dataclasses.replace(grid.PROFILES["smoke"], **change)
+    with pytest.raises(ValueError, match=message):
+        grid.run_grid(grid.plan(profile), tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+def test_methods_default_to_the_registry_less_skipped():
+    profile = dataclasses.replace(grid.PROFILES["smoke"], methods=None, skip={"vera": "too slow"}, tasks=("boolq",),
+                                  multi_task=False)
+    methods = [r.method for r in grid.plan(profile)]
+    assert "vera" not in methods and sorted(methods) == sorted(set(import_methods()) - {"vera"})
+    assert methods[0] == "lora"
+
+
+def test_unknown_profile():
+    with pytest.raises(ValueError, match=r"unknown profile 'huge'; allowed: smoke, book, full"):
+        grid.plan("huge")
+
+
+TINY = Profile("test", {"minilm": ModelSettings(4, 4, 16, 4, 1e-3)}, methods=("lora_drop",),
+               tasks=("boolq", "piqa"), probe_steps=1, probe_n=4)
+
+
+def test_grid_caches_by_config_and_builds_tables_from_files(tmp_path):
+    runs = grid.plan(TINY)
+    assert [(r.method, r.task, r.tasks) for r in runs] == [
+        ("lora_drop", "boolq", ("boolq",)), ("lora_drop", "piqa", ("piqa",)), ("lora_drop", MIX, ("boolq", "piqa"))]
+    assert len({r.key for r in runs}) == 3
+
+    first = grid.run_grid(runs, tmp_path, log=None)
+    assert (len(first.trained), first.cached) == (3, [])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{r.key}.json" for r in runs)  # no temp files
+    again = grid.run_grid(runs, tmp_path, log=None)
+    assert (again.trained, len(again.cached)) == ([], 3)
+
+    changed = [runs[0], dataclasses.replace(runs[1], seed=1), runs[2]]
+    third = grid.run_grid(changed, tmp_path, log=None)
+    assert third.trained == [changed[1].key] and third.cached == [runs[0].key, runs[2].key]
+
+    records = {r["task"]: r for r in first.results}
+    mix = records[MIX]
+    assert set(mix["accuracy"]) == {"boolq", "piqa"}
+    assert mix["data"]["train_n"] == 8 and mix["data"]["eval_n"] == {"boolq": 4, "piqa": 4}
+    for r in first.results:
+        # LoRA-drop: the pre-probe count is LoRA's; after the probe, sharing trains at most that many.
+        assert r["params"]["closed_form"] == 8 * 41_472
+        assert 0 < r["params"]["real"] <= r["params"]["closed_form"]
+        assert r["kept_modules"] and r["params"]["head"] == 384 * 384 + 384 + 385
+        assert json.loads((tmp_path / f"{r['key']}.json").read_text()) == r
+
+    table = grid.comparison_table(first.results)
+    row = table.iloc[0]
+    assert list(table.columns) == ["Base model", "PEFT method", "#Params", "%Params", "ARC-e", "ARC-c", "BoolQ",
+                                   "OBQA", "PIQA", "AVG"]
+    assert row["PIQA"] == round(100 * records["piqa"]["accuracy"]["piqa"], 1)
+    assert row["AVG"] == round((row["PIQA"] + row["BoolQ"]) / 2, 1)
+    multi = grid.multitask_table(first.results).iloc[0]
+    assert multi["Δ BoolQ"] == pytest.approx(round(100 * mix["accuracy"]["boolq"], 1) - row["BoolQ"], abs=0.051)
+
+
+def test_hub_model_shapes_come_from_its_config_alone(tmp_path):
+    """A hub id (here a local folder holding only config.json) is sized on the meta device, no weights."""
+    from transformers import AutoModel, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    cfg.save_pretrained(tmp_path)
+    shape = grid.model_shape(str(tmp_path))
+    per_block = [(32, 32), (32, 16), (32, 16), (32, 32), (32, 48), (32, 48), (48, 32)]  # q k v o gate up down
+    assert sorted(shape.linears) == sorted(per_block * 2)
+    assert shape.base_parameters == sum(p.numel() for p in AutoModel.from_config(cfg).parameters())
