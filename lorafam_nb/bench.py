@@ -32,8 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .core import AdapterConfig, _suffix_match, count_parameters, get_adapter_model, import_methods
+from .core import AdapterConfig, count_parameters, get_adapter_model, import_methods
 from .data import task_info
+from .experiment import train_head_only
 from .lora import LoraConfig
 from .models import MODELS, load_model
 from .tasks import EncodedTask
@@ -148,10 +149,7 @@ BENCH_OVERRIDES: dict[str, dict[str, Any]] = {"delta_lora": {"start_step": 0}}
 
 def frozen(model: nn.Module) -> nn.Module:
     """Only the head trains; gradients still flow back through the frozen network to the embeddings."""
-    model.requires_grad_(False)
-    for name, module in model.named_modules():
-        if _suffix_match(name, HEAD):
-            module.requires_grad_(True)
+    train_head_only(model, HEAD)
     model.enable_input_require_grads()
     return model
 

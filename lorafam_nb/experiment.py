@@ -23,7 +23,7 @@ from .models import load_model, load_tokenizer, model_spec
 from .tasks import EncodedTask, encode
 from .trainer import TrainConfig, Trainer, TrainResult, set_seed
 
-__all__ = ["RunOutput", "RunSpec", "build_model", "describe", "encode_task", "run", "training_set"]
+__all__ = ["RunOutput", "RunSpec", "build_model", "describe", "encode_task", "run", "train_head_only", "training_set"]
 
 
 @dataclass
@@ -60,6 +60,15 @@ def _head_for(spec: RunSpec) -> tuple[str, int]:
     return "sequence_classification", 1 if info.kind == "regression" else info.num_labels
 
 
+def train_head_only(model: nn.Module, heads: list[str]) -> nn.Module:
+    """Freeze ``model`` except the modules named by the suffixes ``heads`` (the task head)."""
+    model.requires_grad_(False)
+    for name, module in model.named_modules():
+        if _suffix_match(name, heads):
+            module.requires_grad_(True)
+    return model
+
+
 def build_model(spec: RunSpec) -> nn.Module:
     """The model of ``spec`` with its fine-tuning mode applied (head seeded by ``spec.seed``)."""
     head, num_labels = _head_for(spec)
@@ -72,11 +81,7 @@ def build_model(spec: RunSpec) -> nn.Module:
     if spec.finetune == "head":
         if not heads:
             raise ValueError(f"{spec.model} has no separate task head to train alone")
-        model.requires_grad_(False)
-        for name, module in model.named_modules():
-            if _suffix_match(name, heads):
-                module.requires_grad_(True)
-        return model
+        return train_head_only(model, heads)
     if not isinstance(spec.finetune, AdapterConfig):
         raise ValueError(f"finetune must be 'head', 'full' or an AdapterConfig, got {spec.finetune!r}")
     config = spec.finetune

@@ -454,17 +454,16 @@ def budget_table(results: Sequence[dict[str, Any]]) -> Any:
 
     out: dict[tuple[str, str], dict[str, Any]] = {}
     for r in results:
-        b, p = r["config"]["budget"], r["params"]
+        b, p = Budget(**r["config"]["budget"]), r["params"]
         row = out.setdefault((r["model"], r["method"]), {
-            "model": r["model"], "method": r["method"], "knob": f"{b['knob']}={b['value']}",
-            "target": b["target"], "closed form": b["closed_form"], "real (min)": p["real"], "real (max)": p["real"],
-            "deviation %": round(100 * (b["closed_form"] / b["target"] - 1), 2),
+            "model": r["model"], "method": r["method"], "knob": f"{b.knob}={b.value}",
+            "target": b.target, "closed form": b.closed_form, "real (min)": p["real"], "real (max)": p["real"],
+            "deviation %": round(100 * b.deviation, 2),
         })
         row["real (min)"], row["real (max)"] = min(row["real (min)"], p["real"]), max(row["real (max)"], p["real"])
         row["head"] = p["head"]
-        within = abs(b["closed_form"] / b["target"] - 1) <= TOLERANCE
-        row["status"] = ("matched" if within else
-                         f"nearest achievable ({b['knob']} ≤ {b['max_value']})" if b["value"] == b["max_value"]
+        row["status"] = ("matched" if b.matched else
+                         f"nearest achievable ({b.knob} ≤ {b.max_value})" if b.value == b.max_value
                          else "nearest achievable")
         if r["kept_modules"] is not None:
             row["status"] += "; pre-probe count matched, real = after the probe"
