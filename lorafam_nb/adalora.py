@@ -249,8 +249,8 @@ class RankAllocator(Callback):
     def on_train_begin(self, trainer: Trainer) -> None:
         self.set_total_step(trainer.total_steps)
 
-    def extra_loss(self, trainer: Trainer) -> Tensor | None:
-        return self.orthogonality_penalty() if self.config.orth_reg_weight > 0 else None
+    def extra_loss(self, trainer: Trainer) -> dict[str, Tensor]:
+        return {"orthogonality": self.orthogonality_penalty()} if self.config.orth_reg_weight > 0 else {}
 
     def on_after_backward(self, trainer: Trainer) -> None:
         if not self.scores_frozen(trainer.step + 1):  # the step about to be taken is trainer.step + 1

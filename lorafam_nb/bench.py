@@ -40,7 +40,8 @@ from .models import MODELS, load_model
 from .tasks import EncodedTask
 from .trainer import Callback, TrainConfig, Trainer
 
-__all__ = ["BenchResult", "frozen", "method_config", "ratios", "run_benchmark", "setups", "main"]
+__all__ = ["BenchResult", "Interleaved", "frozen", "interleaved", "method_config", "ratios", "run_benchmark", "setups",
+           "main"]
 
 
 @dataclass
@@ -123,11 +124,72 @@ class _Probe(Callback):
         self._maybe_start_metering(trainer)
 
 
-def _task_of(batch: dict[str, torch.Tensor]) -> EncodedTask:
-    """The fixed batch as a two-class encoder task, so that the Trainer collates exactly it."""
+def _task_of(batch: dict[str, torch.Tensor], protocol: str = "encoder") -> EncodedTask:
+    """The fixed batch as a two-class task, so that the Trainer collates exactly it: an encoder classifier's
+    input, or (``"label_token"``) a decoder prompt scored by the next-token logits of two label tokens."""
     examples = [{"input_ids": ids.tolist(), "attention_mask": mask.tolist(), "label": int(label)}
                 for ids, mask, label in zip(batch["input_ids"], batch["attention_mask"], batch["labels"])]
-    return EncodedTask(task_info("sst2"), "encoder", examples, pad_id=0)
+    if protocol == "label_token":
+        examples = [{"input_ids": e["input_ids"], "label_ids": [1, 2], "label": e["label"]} for e in examples]
+    return EncodedTask(task_info("sst2"), protocol, examples, pad_id=0)
+
+
+@dataclass
+class Interleaved:
+    """Step times of several setups measured round-robin in one process (see :func:`interleaved`)."""
+
+    times: dict[str, list[float]]  # setup -> seconds of each timed step, in round order
+
+    def median(self, name: str) -> float:
+        return statistics.median(self.times[name])
+
+    def iqr(self, name: str) -> tuple[float, float]:
+        """The first and third quartile of the step time."""
+        q = statistics.quantiles(self.times[name], n=4)
+        return q[0], q[2]
+
+    def ratio(self, a: str, b: str) -> float:
+        """Median over rounds of ``a``'s step time over ``b``'s in the same round: slow drifts of the machine
+        (frequency, other load) hit both setups of a round alike and cancel."""
+        return statistics.median(x / y for x, y in zip(self.times[a], self.times[b]))
+
+    def rows(self, reference: str | None = None) -> list[dict[str, Any]]:
+        out = []
+        for name in self.times:
+            q1, q3 = self.iqr(name)
+            row = {"setup": name, "median s/step": self.median(name), "IQR": f"{q1:.3f}–{q3:.3f}"}
+            if reference is not None:
+                row[f"× {reference}"] = self.ratio(name, reference)
+            out.append(row)
+        return out
+
+
+def interleaved(models: dict[str, nn.Module], batch: dict[str, torch.Tensor], steps: int,
+                device: torch.device, protocol: str = "encoder", warmup: int = 2) -> Interleaved:
+    """Real optimizer steps of every setup (the package's Trainer, each method's hooks included), taken
+    round-robin: round i runs one step of each setup, the order rotated by one each round, so that no
+    setup always runs first or right after a given other one. ``warmup`` rounds are not timed."""
+    config = TrainConfig(lr=1e-4, max_steps=steps + warmup, batch_size=len(batch["labels"]), warmup_ratio=0.0,
+                         schedule="constant", max_grad_norm=None, device=str(device), progress=False)
+    trainers = {name: Trainer(model, _task_of(batch, protocol), config) for name, model in models.items()}
+    batches = {}
+    for name, trainer in trainers.items():
+        trainer.model.train()
+        for callback in trainer.callbacks:
+            callback.on_train_begin(trainer)
+        batches[name] = trainer.micro_batches(0)
+    names, times = list(models), {name: [] for name in models}
+    for i in range(steps + warmup):
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            trainers[name].train_step(batches[name])
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - started)
+    return Interleaved(times)
 
 
 def _measure(name: str, model: nn.Module, batch: dict[str, torch.Tensor], steps: int,

@@ -8,10 +8,20 @@ Every method in the book plugs in through the same three pieces:
 * optional training hooks the config hands to the trainer (:meth:`AdapterConfig.callbacks`,
   :meth:`AdapterConfig.param_groups`).
 
-Three seams exist for the mixture-of-experts half of the book: a config may replace any module
-type (a whole FFN block, not only ``nn.Linear``), the wrapped model forwards per-example side
-information (e.g. ``task_ids``) to every adapter layer through a shared :class:`AdapterContext`,
-and layers add auxiliary losses (load balance, contrastive) to that context for the trainer.
+Seams for methods beyond one linear at a time (the mixtures, VeRA, LoRA-drop):
+
+* **Sites and a scope.** Injection hands :meth:`AdapterConfig.build_layer` a :class:`Site` (module
+  name, block index, module type, input/output widths) and the model's :class:`AdapterScope`, one per
+  adapted model, saved once: modules that several layers share (VeRA's random pair, LoRA-drop's
+  shared pair, routers shared by depth) live there. :meth:`AdapterConfig.sites` may return whole
+  feed-forward blocks (see :func:`lorafam_nb.models.ffn_blocks`), not only single linears.
+* **Side inputs.** The wrapped model takes per-row side information (``task_ids``) off the forward
+  call and hands it to every layer through the shared :class:`AdapterContext`.
+* **Auxiliary losses.** Layers add named raw terms to the context; the config weighs each name
+  (:meth:`AdapterConfig.aux_loss_weights`) and may compute model-level terms from the routing of the
+  whole forward pass (:meth:`AdapterConfig.aux_loss_terms`); the trainer adds them and logs each.
+* **Routing.** Mixture layers report each routing decision to the context's
+  :class:`RoutingRecorder` (tokens per expert, router entropy, dropped tokens).
 """
 from __future__ import annotations
 
@@ -19,6 +29,7 @@ import dataclasses
 import importlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -36,6 +47,8 @@ __all__ = [
     "AdapterContext",
     "AdapterLayer",
     "AdapterModel",
+    "AdapterScope",
+    "block_index",
     "METHODS",
     "MethodCard",
     "METHOD_MODULES",
@@ -44,20 +57,29 @@ __all__ = [
     "count_parameters",
     "print_trainable_parameters",
     "register_method",
+    "Route",
+    "RoutingRecorder",
+    "Site",
+    "site_of",
+    "site_type",
     "target_module_names",
 ]
 
 CONFIG_FILE = "adapter_config.json"
+BUDGET_TOLERANCE = 0.05  # a parameter budget counts as matched within ±5 %
 WEIGHTS_FILE = "adapter.safetensors"
 
 METHODS: dict[str, type[AdapterConfig]] = {}
-# The package's method modules, one per paper; each registers its config(s) when imported. A new
-# method joins the registry (and everything built from it: loading, the overview table, the
-# experiments grid) by adding its module name here.
+# The package's method modules, one per paper, by module path inside the package (the mixtures live
+# in ``moe/``); each registers its config(s) when imported. A method's registered name is the last
+# part of its path. A new method joins the registry (and everything built from it: loading, the
+# overview table, the experiments grid) by adding its module path here.
 METHOD_MODULES: tuple[str, ...] = (
     "lora", "lora_plus", "rslora", "vera", "lora_fa", "lora_drop", "adalora", "dora", "delta_lora", "plora",
-    "qlora",
+    "qlora", "moe.mixlora", "moe.loramoe", "moe.mola", "moe.moral",
 )
+# Registered method name -> module path ("mixlora" -> "moe.mixlora").
+METHOD_PATHS: dict[str, str] = {path.rpartition(".")[2]: path for path in METHOD_MODULES}
 
 
 def register_method(cls: type[AdapterConfig]) -> type[AdapterConfig]:
@@ -73,6 +95,15 @@ def import_methods() -> dict[str, type[AdapterConfig]]:
     for module in METHOD_MODULES:
         importlib.import_module(f"{__package__}.{module}")
     return METHODS
+
+
+def import_method(method: str) -> type[AdapterConfig]:
+    """The config class registered as ``method``, importing its module if needed."""
+    if method not in METHODS and method in METHOD_PATHS:
+        importlib.import_module(f"{__package__}.{METHOD_PATHS[method]}")  # a method registers when loaded
+    if method not in METHODS:
+        raise ValueError(f"unknown adapter method {method!r}; registered: {sorted(set(METHODS) | set(METHOD_PATHS))}")
+    return METHODS[method]
 
 
 @dataclass(frozen=True)
@@ -102,20 +133,205 @@ class MethodCard:
     merge_note: str = ""
 
 
+@dataclass
+class LayerRouting:
+    """What one mixture layer's router did since the last reset (all counts over non-padding tokens)."""
+
+    tokens: Tensor  # (E,) tokens sent to each expert (a token counts once per expert it is routed to)
+    mass: Tensor  # (E,) summed router probability per expert
+    entropy: float = 0.0  # summed per-token router entropy (nats)
+    n_tokens: int = 0
+    dropped: int = 0  # (token, expert) assignments dropped, e.g. over an expert's capacity
+
+
+class RoutingRecorder:
+    """Per-layer routing statistics that mixture layers report on every forward pass.
+
+    Tests read the counts (they sum to tokens × k for a top-k router); chapters plot
+    :meth:`load_matrix` as a layer × expert heatmap; the trainer logs :meth:`summary` with each
+    logged step and then resets. Recording is detached and costs one ``bincount`` per layer.
+    """
+
+    def __init__(self) -> None:
+        self.layers: dict[str, LayerRouting] = {}
+        self.enabled = True
+
+    def reset(self) -> None:
+        self.layers = {}
+
+    @torch.no_grad()
+    def record(self, layer: str, probs: Tensor, selected: Tensor | None = None, dropped: int = 0) -> None:
+        """``probs``: (T, E) router probabilities of the T (non-padding) tokens; ``selected``: (T, k)
+        expert indices each token was routed to (None for a dense mixture: every expert, weighted)."""
+        if not self.enabled:
+            return
+        probs = probs.detach().float()
+        n_experts = probs.shape[-1]
+        stats = self.layers.get(layer)
+        if stats is None:
+            zeros = torch.zeros(n_experts, dtype=torch.float64, device=probs.device)
+            stats = self.layers[layer] = LayerRouting(zeros.clone(), zeros.clone())
+        if selected is not None:
+            stats.tokens += torch.bincount(selected.reshape(-1), minlength=n_experts).to(stats.tokens)
+        stats.mass += probs.sum(0).to(stats.mass)
+        stats.entropy += float(-(probs * probs.clamp_min(1e-12).log()).sum())
+        stats.n_tokens += probs.shape[0]
+        stats.dropped += int(dropped)
+
+    def load_matrix(self) -> tuple[list[str], Tensor]:
+        """(layer names, (layers × E) share of each layer's routing per expert). Token counts for
+        routed layers, probability mass for dense ones; each row sums to 1. Layers of unequal E are
+        padded with NaN."""
+        names = list(self.layers)
+        width = max((s.mass.numel() for s in self.layers.values()), default=0)
+        out = torch.full((len(names), width), float("nan"), dtype=torch.float64)
+        for i, stats in enumerate(self.layers.values()):
+            load = stats.tokens if stats.tokens.sum() > 0 else stats.mass
+            out[i, : load.numel()] = (load / load.sum().clamp_min(1e-12)).cpu()
+        return names, out
+
+    def summary(self) -> dict[str, float]:
+        """Mean router entropy per token, the largest expert share and the dropped fraction, over layers."""
+        if not self.layers:
+            return {}
+        _, load = self.load_matrix()
+        n = sum(s.n_tokens for s in self.layers.values())
+        assigned = sum(float(s.tokens.sum()) + s.dropped for s in self.layers.values())
+        return {"router_entropy": sum(s.entropy for s in self.layers.values()) / max(n, 1),
+                "max_expert_share": float(load.nan_to_num(0).max()),
+                "dropped_fraction": sum(s.dropped for s in self.layers.values()) / max(assigned, 1)}
+
+
+@dataclass
+class Route:
+    """One layer's routing in one forward pass, real tokens only (padding removed)."""
+
+    layer: str  # the adapted module's name
+    logits: Tensor  # (T, E), with gradient
+    probs: Tensor  # (T, E) softmax over all experts, with gradient
+    selected: Tensor | None  # (T, k) selected experts; None for a dense mixture
+    rows: Tensor  # (T,) the row (example × choice) each token belongs to
+
+
 class AdapterContext:
     """State shared by all adapter layers of one model during one forward pass.
 
-    ``side`` carries per-example side information (task ids, cluster ids) that the model's own
-    forward signature knows nothing about; ``aux_losses`` collects the extra loss terms layers
-    produce (named, so a training log can show each).
+    ``side`` carries per-row side information (task ids, cluster ids) that the model's own forward
+    signature knows nothing about, one entry per row of what the layers see (a multiple-choice batch
+    of B examples × C choices has B·C rows); ``token_mask`` is the forward's attention mask (1 for a
+    real token), so that layers can leave padding out of routing statistics and losses;
+    ``aux_losses`` collects the raw extra loss terms layers produce, named, so that the config can
+    weigh each and the trainer can log each; ``routes`` collects each routed layer's router
+    probabilities and selections of this forward, for model-level losses; ``recorder`` accumulates
+    routing statistics across forwards.
     """
 
     def __init__(self) -> None:
         self.side: dict[str, Any] = {}
+        self.token_mask: Tensor | None = None
         self.aux_losses: list[tuple[str, Tensor]] = []
+        self.routes: list[Route] = []
+        self.recorder = RoutingRecorder()
+
+    def start_forward(self, side: dict[str, Any], token_mask: Tensor | None) -> None:
+        self.side, self.token_mask = side, token_mask
+        self.aux_losses, self.routes = [], []
 
     def add_aux_loss(self, name: str, value: Tensor) -> None:
         self.aux_losses.append((name, value))
+
+    def real_tokens(self, x: Tensor) -> Tensor | None:
+        """A flat bool mask over the tokens of ``x`` (…, d) that are not padding, or None when the
+        forward had no attention mask of ``x``'s token layout (then every token counts)."""
+        mask = self.token_mask
+        if mask is None or mask.numel() != x.shape[:-1].numel():
+            return None
+        return mask.reshape(-1).to(device=x.device, dtype=torch.bool)
+
+    def side_rows(self, name: str, x: Tensor) -> Tensor:
+        """Side input ``name`` repeated to one entry per token of ``x`` (rows, …, d): shape (tokens,)."""
+        if name not in self.side:
+            raise ValueError(f"this adapter needs the side input {name!r} in the forward call "
+                             f"(e.g. model(input_ids=..., {name}=...)); got {sorted(self.side) or 'none'}")
+        rows = self.side[name].to(x.device)
+        if rows.shape[0] != x.shape[0]:
+            raise ValueError(f"side input {name!r} has {rows.shape[0]} rows but the layer sees {x.shape[0]}: "
+                             "give one entry per row (per example × choice for flattened batches)")
+        return rows.repeat_interleave(x.shape[:-1].numel() // x.shape[0])
+
+    def route(self, layer: str, logits: Tensor, probs: Tensor, selected: Tensor | None, x: Tensor,
+              dropped: int = 0) -> None:
+        """Report one routing decision over the tokens of ``x`` (rows, …, d): keeps the real (non-padding)
+        tokens' routing for model-level losses and feeds the recorder."""
+        rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(x.shape[:-1].numel() // x.shape[0])
+        keep = self.real_tokens(x)
+        if keep is not None:
+            logits, probs, rows = logits[keep], probs[keep], rows[keep]
+            selected = selected[keep] if selected is not None else None
+        self.routes.append(Route(layer, logits, probs, selected, rows))
+        self.recorder.record(layer, probs, selected, dropped)
+
+
+@dataclass(frozen=True)
+class Site:
+    """One place an adapter layer goes: the module at ``name`` (a linear, or a whole FFN block).
+
+    ``block`` is the transformer block index (the first number in the name; None outside the
+    blocks), ``module_type`` the name with the block index replaced by ``*`` (one type per position
+    in a block), ``d_in``/``d_out`` the input and output widths (an FFN: the model width, both).
+    ``bypass`` names a module that must become the identity when this site is replaced (BERT's FFN
+    output linear lives outside the module that starts the FFN, see :func:`lorafam_nb.models.ffn_blocks`).
+    """
+
+    name: str
+    module: nn.Module = field(compare=False, repr=False)
+    block: int | None
+    module_type: str
+    d_in: int
+    d_out: int
+    kind: str = "linear"  # "linear" or "ffn"
+    bypass: str | None = None
+
+
+def site_of(model: nn.Module, name: str, **fields: Any) -> Site:
+    """The :class:`Site` of module ``name`` of ``model``: a linear, unless ``fields`` say otherwise
+    (``module``, ``d_in``, ``d_out``, ``kind``, ``bypass``)."""
+    module = model.get_submodule(name)
+    values = {"module": module, "d_in": getattr(module, "in_features", 0),
+              "d_out": getattr(module, "out_features", 0)} | fields
+    return Site(name=name, block=block_index(name), module_type=site_type(name), **values)
+
+
+def block_index(name: str) -> int | None:
+    """The transformer block a module belongs to: the first number in its dotted name (None if none)."""
+    number = re.search(r"\.(\d+)\.", f".{name}.")
+    return int(number.group(1)) if number else None
+
+
+class AdapterScope(nn.Module):
+    """Modules that several adapter layers of one model share, owned by that model and saved once.
+
+    A layer factory asks for a shared module by key (:meth:`shared`); the first request builds it,
+    later ones get the same object. Entries marked not ``persistent`` (VeRA's pair when it is
+    regenerated from its seed) are left out of the saved adapter.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entries = nn.ModuleDict()
+        self.transient: set[str] = set()
+
+    def shared(self, key: str, build: Callable[[], nn.Module], persistent: bool = True) -> nn.Module:
+        key = re.sub(r"[^0-9A-Za-z_]", "_", key)
+        if key not in self.entries:
+            self.entries[key] = build()
+            if not persistent:
+                self.transient.add(key)
+        return self.entries[key]
+
+    def adapter_state_dict(self) -> dict[str, Tensor]:
+        return {f"{k}.{n}": v for k, module in self.entries.items() if k not in self.transient
+                for n, v in module.state_dict().items()}
 
 
 class AdapterLayer(nn.Module):
@@ -132,9 +348,15 @@ class AdapterLayer(nn.Module):
         self.merged = False
         # Set by AdapterModel; kept out of the module tree (it is not a submodule or a parameter).
         self.context = AdapterContext()
+        self.site = ""  # the module name this layer replaced (set by AdapterModel; names routing records)
 
     def delta_weight(self) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__} is not mergeable into a single weight")
+
+    @property
+    def mergeable(self) -> bool:
+        """Whether this layer's update is one weight delta (mixtures routed per token are not)."""
+        return type(self).delta_weight is not AdapterLayer.delta_weight
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -183,6 +405,51 @@ class AdapterConfig:
     def make_layer(self, name: str, module: nn.Module) -> AdapterLayer:
         raise NotImplementedError
 
+    def sites(self, model: nn.Module) -> list[Site]:
+        """Where this adapter goes in ``model``: by default every module :func:`target_module_names` picks."""
+        return [site_of(model, name) for name in target_module_names(model, self)]
+
+    def build_layer(self, site: Site, scope: AdapterScope) -> AdapterLayer:
+        """The layer for ``site``. Methods whose layers share modules override this and take them from
+        ``scope``; the default builds an independent layer with :meth:`make_layer`."""
+        return self.make_layer(site.name, site.module)
+
+    def site_parameters(self, site: Site) -> int:
+        """Trainable parameters this adapter puts at ``site`` (the per-linear formula by default)."""
+        return self.num_parameters(site.d_in, site.d_out)
+
+    def model_parameters(self, sites: list[Site]) -> int:
+        """Closed-form trainable adapter parameters over ``sites``, shared modules (routers, gates,
+        shared pairs) counted once: what the experiments grid matches budgets with."""
+        return sum(self.site_parameters(s) for s in sites)
+
+    def num_parameters(self, d_in: int, d_out: int) -> int:
+        raise NotImplementedError(f"{self.method} has no num_parameters(d_in, d_out) formula")
+
+    @classmethod
+    def budget_candidates(cls, sites: list[Site]) -> list[dict[str, int]]:
+        """Size settings to try when matching a parameter budget: the knob from 1 to the largest rank any
+        adapted ``ΔW`` can have, ``max min(d_in, d_out)`` (a larger knob adds parameters, not rank)."""
+        top = max(min(s.d_in, s.d_out) for s in sites)
+        return [{cls.budget_knob: v} for v in range(1, top + 1)]
+
+    @classmethod
+    def budget_order(cls, values: dict[str, int], count: int, target: int) -> tuple[float, ...]:
+        """Sort key among candidates (smallest wins): the nearest count, ties to the larger knob."""
+        return (abs(count - target), -values[cls.budget_knob])
+
+    def aux_loss_weights(self) -> dict[str, float]:
+        """The weight of each named auxiliary loss term this method produces (none by default)."""
+        return {}
+
+    def aux_loss_terms(self, context: AdapterContext) -> dict[str, Tensor]:
+        """Raw auxiliary terms of the forward that just ran: the layers' terms summed by name. Methods
+        whose loss spans the whole model (routing of all layers at once) override this."""
+        terms: dict[str, Tensor] = {}
+        for name, value in context.aux_losses:
+            terms[name] = terms[name] + value if name in terms else value
+        return terms
+
     def callbacks(self, model: AdapterModel) -> list[Callback]:
         """Training hooks this method needs (schedules, extra updates); none by default."""
         return []
@@ -210,12 +477,8 @@ class AdapterConfig:
     @staticmethod
     def from_dict(data: dict[str, Any]) -> AdapterConfig:
         data = dict(data)
-        method = data.pop("method", None)
-        if method not in METHODS and method in METHOD_MODULES:
-            importlib.import_module(f"{__package__}.{method}")  # a method registers when its module loads
-        if method not in METHODS:
-            raise ValueError(f"unknown adapter method {method!r}; registered: {sorted(METHODS)}")
-        cls = METHODS[method]
+        cls = import_method(data.pop("method", None))
+        method = cls.method
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - names
         if unknown:
@@ -223,7 +486,7 @@ class AdapterConfig:
         return cls(**data)
 
 
-def _pattern(name: str) -> str:
+def site_type(name: str) -> str:
     """``bert.encoder.layer.3.attention.self.query`` -> ``bert.encoder.layer.*.attention.self.query``."""
     return re.sub(r"\.\d+\.", ".*.", name)
 
@@ -261,7 +524,7 @@ def target_module_names(model: nn.Module, config: AdapterConfig) -> list[str]:
         raise ValueError(f"{config.method} can only adapt {config.layer_types}; these targets are not: {wrong[:5]}")
     if not names:
         kinds = "/".join(t.__name__ for t in config.layer_types)
-        found = sorted(dict.fromkeys(_pattern(n) for n in candidates))
+        found = sorted(dict.fromkeys(site_type(n) for n in candidates))
         raise ValueError(
             f"target_modules={targets!r} matched no {kinds} module of {type(model).__name__}. "
             f"Its {kinds} modules are: {found}"
@@ -302,22 +565,27 @@ class AdapterModel(nn.Module):
 
     def __init__(self, model: nn.Module, config: AdapterConfig) -> None:
         super().__init__()
+        sites = config.sites(model)
+        # Build every layer before touching the model: a config that fails on some site leaves it as it was.
+        self.adapter_scope = AdapterScope()
+        layers = [config.build_layer(site, self.adapter_scope) for site in sites]
         self.model = model
         self.adapter_config = config
         self.context = AdapterContext()
-        names = target_module_names(model, config)
         for p in model.parameters():
             p.requires_grad_(False)
-        for name in names:
-            layer = config.make_layer(name, model.get_submodule(name))
+        for site, layer in zip(sites, layers):
             layer.context = self.context
-            _set_submodule(model, name, layer)
+            layer.site = site.name
+            _set_submodule(model, site.name, layer)
+            if site.bypass:
+                _set_submodule(model, site.bypass, nn.Identity())
         for name in _saved_module_names(model, config):
             model.get_submodule(name).requires_grad_(True)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        self.context.side = {k: kwargs.pop(k) for k in self.adapter_config.side_inputs if k in kwargs}
-        self.context.aux_losses = []
+        side = {k: kwargs.pop(k) for k in self.adapter_config.side_inputs if k in kwargs}
+        self.context.start_forward(side, kwargs.get("attention_mask"))
         return self.model(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
@@ -330,16 +598,41 @@ class AdapterModel(nn.Module):
     def adapter_layers(self) -> dict[str, AdapterLayer]:
         return {n: m for n, m in self.model.named_modules() if isinstance(m, AdapterLayer)}
 
+    def aux_losses(self) -> dict[str, Tensor]:
+        """The weighted auxiliary loss terms of the last forward, by name (weights from the config)."""
+        weights = self.adapter_config.aux_loss_weights()
+        terms = self.adapter_config.aux_loss_terms(self.context)
+        unknown = sorted(set(terms) - set(weights))
+        if unknown:
+            raise ValueError(f"{self.adapter_config.method} produced auxiliary losses {unknown} that its config gives "
+                             f"no weight (aux_loss_weights() has {sorted(weights)})")
+        return {name: weights[name] * value for name, value in terms.items() if weights[name] != 0}
+
     def aux_loss(self) -> Tensor | None:
-        """Sum of the auxiliary losses the last forward produced (None when there were none)."""
-        terms = [v for _, v in self.context.aux_losses]
+        """Sum of the weighted auxiliary losses the last forward produced (None when there were none)."""
+        terms = list(self.aux_losses().values())
         return torch.stack(terms).sum() if terms else None
+
+    @property
+    def recorder(self) -> RoutingRecorder:
+        return self.context.recorder
 
     def print_trainable_parameters(self) -> None:
         print_trainable_parameters(self)
 
     # --- merge --------------------------------------------------------------------------------
+    def _check_mergeable(self) -> None:
+        """Raise before any weight changes if some layer cannot be folded into its base weight."""
+        layers = self.adapter_layers()
+        blocked = [n for n, layer in layers.items() if not layer.mergeable]
+        if blocked:
+            kinds = sorted({type(layers[n]).__name__ for n in blocked})
+            raise ValueError(f"{self.adapter_config.method} cannot be merged: {kinds} layers mix their experts per "
+                             f"token, so no single weight equals them ({len(blocked)} layers, e.g. {blocked[0]}); "
+                             "nothing was changed")
+
     def merge(self) -> None:
+        self._check_mergeable()
         for layer in self.adapter_layers().values():
             layer.merge()
 
@@ -349,6 +642,7 @@ class AdapterModel(nn.Module):
 
     def merge_and_unload(self) -> nn.Module:
         """Fold every adapter into its base weight and return the plain model."""
+        self._check_mergeable()
         for name, layer in self.adapter_layers().items():
             layer.merge()
             _set_submodule(self.model, name, layer.base_layer)
@@ -357,6 +651,7 @@ class AdapterModel(nn.Module):
     # --- save / load --------------------------------------------------------------------------
     def adapter_state_dict(self) -> dict[str, Tensor]:
         state: dict[str, Tensor] = {}
+        state.update({f"adapter_scope.{k}": v for k, v in self.adapter_scope.adapter_state_dict().items()})
         for name, layer in self.adapter_layers().items():
             state.update({f"{name}.{k}": v for k, v in layer.adapter_state_dict().items()})
         for name in _saved_module_names(self.model, self.adapter_config):

@@ -21,14 +21,14 @@ surrogate for :math:`W`'s own update. Dropout on the branch would break that ide
 * The write is one GEMM of rank :math:`2r`, :math:`W \\mathrel{+}= λs\\,[B^{(t+1)}, B^{(t)}]
   [A^{(t+1)}; -A^{(t)}]`, in :math:`W`'s own fp32 storage: no dense temporary, no gradient buffer.
 
-Because :math:`W` changes, it belongs to the adapter's saved state. The pieces that any method writing
-into the frozen backbone needs (the layer that saves its :math:`W`, the checkpointing callback, the
-in-place write) live here and PeriodicLoRA (``plora.py``) reuses them.
+Because :math:`W` changes, it belongs to the adapter's saved state (and so to every trainer checkpoint,
+which holds the whole adapter state). The pieces that any method writing into the frozen backbone
+needs (the layer that saves its :math:`W`, the in-place write) live here and PeriodicLoRA
+(``plora.py``) reuses them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -37,7 +37,7 @@ from .core import AdapterModel, MethodCard, register_method
 from .lora import LoraConfig, LoRALinear
 from .trainer import Callback, Trainer
 
-__all__ = ["BackboneCheckpoint", "BackboneLoRALinear", "DeltaLoRAUpdate", "DeltaLoraConfig", "add_to_backbone"]
+__all__ = ["BackboneLoRALinear", "DeltaLoRAUpdate", "DeltaLoraConfig", "add_to_backbone"]
 
 
 @torch.no_grad()
@@ -69,26 +69,11 @@ class BackboneLoRALinear(LoRALinear):
         return {**super().adapter_state_dict(), "base_layer.weight": self.base_layer.weight}
 
 
-class BackboneCheckpoint(Callback):
-    """Puts every adapted layer's ``W`` into the trainer's checkpoint (it holds only trainable tensors)."""
-
-    def __init__(self, model: AdapterModel) -> None:
-        self.layers: dict[str, BackboneLoRALinear] = model.adapter_layers()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"W": {name: layer.base_layer.weight.detach().clone() for name, layer in self.layers.items()}}
-
-    @torch.no_grad()
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for name, W in state["W"].items():
-            self.layers[name].base_layer.weight.copy_(W)
-
-
-class DeltaLoRAUpdate(BackboneCheckpoint):
+class DeltaLoRAUpdate(Callback):
     """After each optimizer step t ≥ K: ``W ← W + λ s (B^(t+1) A^(t+1) − B^(t) A^(t))``."""
 
     def __init__(self, model: AdapterModel, update_ratio: float, start_step: int) -> None:
-        super().__init__(model)
+        self.layers: dict[str, BackboneLoRALinear] = model.adapter_layers()
         self.update_ratio, self.start_step = update_ratio, start_step
         # (A^(t), B^(t)) per layer, held only between backward and the end of the step: r(d_in + d_out) numbers.
         self._before: dict[str, tuple[Tensor, Tensor]] = {}

@@ -41,6 +41,9 @@ class RunSpec:
     # Multi-task: train on the union of these tasks (train_n of each) and evaluate on each. ``task``
     # must be one of them; it picks the head and protocol, so all must be of one kind.
     mix: tuple[str, ...] = ()
+    # Tasks to evaluate on (default: what it trains on). A lifelong stage trains on one chunk and is
+    # evaluated on every chunk of the stream.
+    eval_on: tuple[str, ...] = ()
 
     def task_names(self) -> tuple[str, ...]:
         return self.mix or (self.task,)
@@ -91,9 +94,15 @@ def build_model(spec: RunSpec) -> nn.Module:
 
 
 def encode_task(spec: RunSpec, split: str, n: int | None) -> EncodedTask:
+    """``n`` examples of ``spec.task``; in a multi-task mix each carries ``task_id``, its task's index in
+    ``spec.mix`` (the side input that task-routed adapters read)."""
     tokenizer = load_tokenizer(spec.model)
     rows = load_task(spec.task, split, n=n, seed=spec.seed)
-    return encode(rows, spec.task, tokenizer, spec.resolved_protocol(), spec.max_length)
+    task = encode(rows, spec.task, tokenizer, spec.resolved_protocol(), spec.max_length)
+    if spec.mix:
+        for example in task.examples:
+            example["task_id"] = spec.mix.index(spec.task)
+    return task
 
 
 def training_set(spec: RunSpec) -> EncodedTask:
@@ -129,7 +138,7 @@ def run(spec: RunSpec, model: nn.Module | None = None) -> RunOutput:
     info = task_info(spec.task)
     train = training_set(spec)
     evaluations = [encode_task(dataclasses.replace(spec, task=t), task_info(t).eval_split, spec.eval_n)
-                   for t in spec.task_names()]
+                   for t in spec.eval_on or spec.task_names()]
     model = model if model is not None else build_model(spec)
     trainable, total = count_parameters(model)
     train_cfg = dataclasses.replace(spec.train, seed=spec.seed)

@@ -5,9 +5,10 @@ task and matches the methods' trainable-parameter counts. This module reproduces
 own runs:
 
 1. :func:`plan` expands a :class:`Profile` into :class:`GridRun` cells. Every method of the registry
-   (:func:`~lorafam_nb.core.import_methods`) gets the size knob (``AdapterConfig.budget_knob``) whose
-   closed-form count (``num_parameters`` summed over the adapted linears) is nearest to LoRA's count at
-   the profile's reference rank (:func:`match_budget`). Everything is validated before any training.
+   (:func:`~lorafam_nb.core.import_methods`) gets the size settings (its ``budget_candidates``, ranked by
+   its ``budget_order``) whose closed-form count (``model_parameters`` over the sites it adapts: routers
+   and shared modules included) best matches LoRA's count at the profile's reference rank
+   (:func:`match_budget`). Everything is validated before any training.
 2. :func:`run_grid` trains each cell with the book's ordinary run (:func:`lorafam_nb.experiment.run`)
    and writes one JSON record per cell, named by a hash of the cell's full config. A cell whose file
    exists is not trained again, so a changed config retrains only the cells it changes.
@@ -38,8 +39,8 @@ import torch
 from torch import nn
 
 from . import experiment
-from .core import (METHOD_MODULES, AdapterConfig, AdapterModel, _suffix_match, count_parameters, import_methods,
-                   target_module_names)
+from .core import (BUDGET_TOLERANCE, METHOD_PATHS, AdapterConfig, AdapterModel, Site, _suffix_match, count_parameters,
+                   import_methods, target_module_names)
 from .data import load_task
 from .experiment import RunSpec, build_model, training_set
 from .lora import LoraConfig
@@ -56,7 +57,7 @@ __all__ = [
 TASKS = ("arc_e", "arc_c", "boolq", "obqa", "piqa")  # the reference table's columns, in its order
 TASK_TITLES = {"arc_e": "ARC-e", "arc_c": "ARC-c", "boolq": "BoolQ", "obqa": "OBQA", "piqa": "PIQA"}
 MIX = "mix"  # the cell that trains one adapter on the union of the profile's tasks
-TOLERANCE = 0.05  # a budget counts as matched within ±5 %
+TOLERANCE = BUDGET_TOLERANCE  # a budget counts as matched within ±5 %
 # The reference table's base models, runnable by hub id (profile "full", a GPU and the hub needed).
 REFERENCE_MODELS = {"gemma-2b": "google/gemma-2b", "llama2-7b": "meta-llama/Llama-2-7b-hf"}
 
@@ -124,12 +125,14 @@ def _model_id(name: str) -> str:
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What budgets depend on: the adapted linears' ``(d_in, d_out)`` and the base model's size."""
+    """What budgets depend on: the base model (for each method's sites), the "all linear layers" targets,
+    those linears' ``(d_in, d_out)`` and the base model's size."""
 
     model: str
     targets: list[str] | str
     linears: tuple[tuple[int, int], ...]
     base_parameters: int  # the pretrained model without any task head
+    base: nn.Module = field(compare=False, repr=False)  # real weights (embedded models) or the meta device (hub)
 
 
 def model_shape(model: str) -> ModelShape:
@@ -145,12 +148,18 @@ def model_shape(model: str) -> ModelShape:
             base = AutoModel.from_config(AutoConfig.from_pretrained(model))
     names = target_module_names(base, LoraConfig(target_modules=targets))
     linears = tuple((base.get_submodule(n).in_features, base.get_submodule(n).out_features) for n in names)
-    return ModelShape(model, targets, linears, count_parameters(base)[1])
+    return ModelShape(model, targets, linears, count_parameters(base)[1], base)
+
+
+def method_sites(cls: type[AdapterConfig], shape: ModelShape) -> list[Site]:
+    """Where ``cls`` adapts the model at the grid's targets (sites do not depend on the size knobs)."""
+    return cls(target_modules=shape.targets).sites(shape.base)
 
 
 @dataclass(frozen=True)
 class Budget:
-    """A method's size knob chosen for a target count; ``closed_form`` is its count by ``num_parameters``."""
+    """A method's size knob chosen for a target count; ``closed_form`` is its count by ``model_parameters``.
+    ``extra`` holds the other size settings a method varies with its knob (a mixture's expert count)."""
 
     method: str
     knob: str
@@ -158,6 +167,11 @@ class Budget:
     max_value: int
     target: int
     closed_form: int
+    extra: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def values(self) -> dict[str, int]:
+        return {self.knob: self.value, **self.extra}
 
     @property
     def deviation(self) -> float:
@@ -183,39 +197,43 @@ def _method_settings(method: str, value: int, steps: int, lr: float) -> dict[str
 LR_SCALE = {"vera": 30.0}  # the VeRA chapter's vector LR, 3e-2 against LoRA's 1e-3
 
 
-def make_config(cls: type[AdapterConfig], value: int, targets: list[str] | str, steps: int = 1,
+def make_config(cls: type[AdapterConfig], values: dict[str, int] | int, targets: list[str] | str, steps: int = 1,
                 lr: float = 1e-3) -> AdapterConfig:
-    """``cls`` with its knob at ``value``; ``lora_alpha = 2 × knob`` where the method has one (the
-    reference's α = 2r, a scale of 2 for LoRA)."""
-    kwargs: dict[str, Any] = {cls.budget_knob: value, "target_modules": targets,
-                              **_method_settings(cls.method, value, steps, lr)}
+    """``cls`` with its size settings at ``values`` (a bare int: the knob); ``lora_alpha = 2 × knob`` where the
+    method has one (the reference's α = 2r, a scale of 2 for LoRA)."""
+    values = values if isinstance(values, dict) else {cls.budget_knob: values}
+    knob = values[cls.budget_knob]
+    kwargs: dict[str, Any] = {**values, "target_modules": targets, **_method_settings(cls.method, knob, steps, lr)}
     if "lora_alpha" in {f.name for f in dataclasses.fields(cls)}:
-        kwargs["lora_alpha"] = 2.0 * value
+        kwargs["lora_alpha"] = 2.0 * knob
     return cls(**kwargs)
 
 
-def closed_form_count(config: AdapterConfig, linears: Sequence[tuple[int, int]]) -> int:
-    if not hasattr(config, "num_parameters"):
-        raise ValueError(f"{config.method} has no num_parameters(d_in, d_out), so its budget cannot be matched")
-    return sum(config.num_parameters(d_in, d_out) for d_in, d_out in linears)
+def closed_form_count(config: AdapterConfig, sites: Sequence[Site]) -> int:
+    """The config's trainable adapter parameters over ``sites``, routers and shared modules counted once."""
+    return config.model_parameters(list(sites))
 
 
-def match_budget(cls: type[AdapterConfig], linears: Sequence[tuple[int, int]], target: int) -> Budget:
-    """The knob value whose closed-form count is nearest ``target`` (ties: the larger value, so that
-    DoRA, whose magnitudes put r=8 and r=7 equally far from LoRA's r=8 on MiniLM, keeps LoRA's rank as
-    the paper and the reference table do).
+def match_budget(cls: type[AdapterConfig], sites: Sequence[Site], target: int) -> Budget:
+    """The size settings (:meth:`~lorafam_nb.core.AdapterConfig.budget_candidates`) whose closed-form count
+    is best for ``target`` by the method's own order (:meth:`~lorafam_nb.core.AdapterConfig.budget_order`):
+    for one knob the nearest count, ties to the larger value, so that DoRA, whose magnitudes put r=8 and r=7
+    equally far from LoRA's r=8 on MiniLM, keeps LoRA's rank as the paper and the reference table do.
 
-    Values run from 1 to the largest rank any adapted ``ΔW`` can have, ``max min(d_in, d_out)``: a larger
-    knob adds parameters but no expressiveness. A target below the count at 1 (by more than the
-    tolerance) is an error; a target above the count at the largest value gives that value, unmatched.
+    A target below the smallest count (by more than the tolerance) is an error.
     """
-    top = max(min(d_in, d_out) for d_in, d_out in linears)
-    counts = {v: closed_form_count(make_config(cls, v, "all-linear"), linears) for v in range(1, top + 1)}
-    if counts[1] > target * (1 + TOLERANCE):
-        raise ValueError(f"budget {target:,} is below {cls.method}'s minimum {counts[1]:,} ({cls.budget_knob}=1) "
-                         f"on these linears; allowed: budgets of at least {counts[1] / (1 + TOLERANCE):,.0f}")
-    value = min(counts, key=lambda v: (abs(counts[v] - target), -v))
-    return Budget(cls.method, cls.budget_knob, value, top, target, counts[value])
+    sites = list(sites)
+    candidates = cls.budget_candidates(sites)
+    counts = [closed_form_count(make_config(cls, v, "all-linear"), sites) for v in candidates]
+    smallest = min(range(len(counts)), key=counts.__getitem__)
+    if counts[smallest] > target * (1 + TOLERANCE):
+        setting = ", ".join(f"{k}={v}" for k, v in candidates[smallest].items())
+        raise ValueError(f"budget {target:,} is below {cls.method}'s minimum {counts[smallest]:,} ({setting}) "
+                         f"on these sites; allowed: budgets of at least {counts[smallest] / (1 + TOLERANCE):,.0f}")
+    best = min(range(len(counts)), key=lambda i: cls.budget_order(candidates[i], counts[i], target))
+    values = dict(candidates[best])
+    top = max(v[cls.budget_knob] for v in candidates)
+    return Budget(cls.method, cls.budget_knob, values.pop(cls.budget_knob), top, target, counts[best], values)
 
 
 # --- the grid ---------------------------------------------------------------------------------------
@@ -270,7 +288,7 @@ def plan(profile: Profile | str, seed: int = 0) -> list[GridRun]:
     profile = _resolve_profile(profile)
     registry = import_methods()
     # The book's chapter order first (the registry's order depends on which module was imported first).
-    known = [m for m in METHOD_MODULES if m in registry] + [m for m in registry if m not in METHOD_MODULES]
+    known = [m for m in METHOD_PATHS if m in registry] + [m for m in registry if m not in METHOD_PATHS]
     methods = tuple(m for m in profile.methods or known if m not in profile.skip)
     for method in (*methods, *profile.skip):
         if method not in registry:
@@ -283,13 +301,13 @@ def plan(profile: Profile | str, seed: int = 0) -> list[GridRun]:
     runs = []
     for model, settings in models.items():
         shape = model_shape(model)
-        target = closed_form_count(LoraConfig(r=profile.reference_rank), shape.linears)
-        budgets = {m: match_budget(registry[m], shape.linears, target) for m in methods}
+        target = closed_form_count(LoraConfig(r=profile.reference_rank), method_sites(LoraConfig, shape))
+        budgets = {m: match_budget(registry[m], method_sites(registry[m], shape), target) for m in methods}
         steps = {task: _steps(tasks, settings) for task, tasks in cells}
         for method in methods:
             lr = settings.lr * LR_SCALE.get(method, 1.0)
             for task, tasks in cells:
-                config = make_config(registry[method], budgets[method].value, shape.targets, steps[task],
+                config = make_config(registry[method], budgets[method].values, shape.targets, steps[task],
                                      settings.lr)
                 probe = (dict(steps=profile.probe_steps, n=profile.probe_n, threshold=profile.probe_threshold)
                          if isinstance(config, LoraDropConfig) else {})
@@ -456,7 +474,8 @@ def budget_table(results: Sequence[dict[str, Any]]) -> Any:
     for r in results:
         b, p = Budget(**r["config"]["budget"]), r["params"]
         row = out.setdefault((r["model"], r["method"]), {
-            "model": r["model"], "method": r["method"], "knob": f"{b.knob}={b.value}",
+            "model": r["model"], "method": r["method"],
+            "knob": ", ".join(f"{k}={v}" for k, v in b.values.items()),
             "target": b.target, "closed form": b.closed_form, "real (min)": p["real"], "real (max)": p["real"],
             "deviation %": round(100 * b.deviation, 2),
         })

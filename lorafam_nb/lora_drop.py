@@ -36,20 +36,20 @@ within a type, because only layers of one shape can share a matrix.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .core import AdapterModel, MethodCard, register_method
+from .core import AdapterModel, AdapterScope, MethodCard, Site, register_method, site_type
 from .lora import LoraConfig, LoRALinear
 from .tasks import EncodedTask, batch_to, collate, score_batch
 
 __all__ = [
     "LoraDropConfig",
     "SharedLoRALinear",
+    "SharedPair",
     "importance",
     "module_type",
     "output_energy",
@@ -60,7 +60,7 @@ __all__ = [
 
 def module_type(name: str) -> str:
     """The type τ of an adapted module: its name with the block index replaced by ``*``."""
-    return re.sub(r"\.\d+\.", ".*.", name)
+    return site_type(name)
 
 
 # --- stage 1: probe data and output-based importance ---------------------------------------------
@@ -181,28 +181,33 @@ def select_layers(importance: dict[str, float], threshold: float = 0.9) -> list[
 
 # --- the final architecture: own LoRA for kept layers, one shared LoRA per type for the rest ------
 
+class SharedPair(nn.Module):
+    """The LoRA pair that the dropped layers of one module type share; the model's scope owns it."""
+
+    def __init__(self, lora_A: nn.Parameter, lora_B: nn.Parameter) -> None:
+        super().__init__()
+        self.lora_A, self.lora_B = lora_A, lora_B
+
+
 class SharedLoRALinear(LoRALinear):
     """A dropped layer: :math:`h = W_0 x + b_0 + s B_{sh} A_{sh} x` with the type's shared pair.
 
-    ``lora_A``/``lora_B`` are the same ``nn.Parameter`` objects in every member of the group, so
-    forward, backward, merge and the optimizer all see one tensor. The first member built (the
-    *owner*, the lowest block in model order) creates the pair and is the only one that saves it:
-    each shared tensor is written once, and loading into the owner fills every member.
+    ``lora_A``/``lora_B`` are the same ``nn.Parameter`` objects in every member of the group and in the
+    :class:`SharedPair` that the model's :class:`~lorafam_nb.core.AdapterScope` holds, so forward,
+    backward, merge and the optimizer all see one tensor, and the scope saves it once.
     """
 
     def __init__(self, base_layer: nn.Linear, r: int, lora_alpha: float, lora_dropout: float, scaling: float,
-                 group: str, shared: tuple[nn.Parameter, nn.Parameter] | None = None) -> None:
+                 group: str, shared: SharedPair) -> None:
         super().__init__(base_layer, r, lora_alpha, lora_dropout, scaling)
         self.group = group
-        self.owner = shared is None
-        if shared is not None:
-            self.lora_A, self.lora_B = shared
+        self.lora_A, self.lora_B = shared.lora_A, shared.lora_B
 
     def adapter_state_dict(self) -> dict[str, Tensor]:
-        return super().adapter_state_dict() if self.owner else {}
+        return {}  # the pair is the scope's to save
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, shared by {self.group}{' (owner)' if self.owner else ''}"
+        return f"{super().extra_repr()}, shared by {self.group}"
 
 
 @register_method
@@ -234,28 +239,26 @@ class LoraDropConfig(LoraConfig):
             raise ValueError(f"kept_modules must be a list of module names, got {self.kept_modules!r}")
         if len(set(self.kept_modules)) != len(self.kept_modules):
             raise ValueError("kept_modules lists a module twice")
-        # (type, shape) -> the shared pair and the layers already tied to it. Not a dataclass field.
-        self._shared: dict[tuple[str, tuple[int, ...]], tuple[nn.Parameter, nn.Parameter, set[str]]] = {}
 
     @classmethod
     def from_importance(cls, importance: dict[str, float], threshold: float = 0.9, **kwargs: Any) -> LoraDropConfig:
         """The config that :func:`select_layers` at ``threshold`` picks from probe importances."""
         return cls(kept_modules=select_layers(importance, threshold), **kwargs)
 
-    def make_layer(self, name: str, module: nn.Module) -> LoRALinear:
-        args = (module, self.r, self.lora_alpha, self.lora_dropout, self.scaling())
-        if name in self.kept_modules:
+    def build_layer(self, site: Site, scope: AdapterScope) -> LoRALinear:
+        """Own LoRA for a kept layer; otherwise the pair of its (module type, shape) from the model's scope,
+        drawn by the first dropped layer of that type (the lowest block: LoRA's own init)."""
+        args = (site.module, self.r, self.lora_alpha, self.lora_dropout, self.scaling())
+        if site.name in self.kept_modules:
             return LoRALinear(*args)
-        key = (module_type(name), tuple(module.weight.shape))
-        entry = self._shared.get(key)
-        # A name seen before means a new model is being built from this config: it gets its own pair.
-        if entry is None or name in entry[2]:
-            layer = SharedLoRALinear(*args, group=key[0])
-            self._shared[key] = (layer.lora_A, layer.lora_B, {name})
-            return layer
-        A_sh, B_sh, members = entry
-        members.add(name)
-        return SharedLoRALinear(*args, group=key[0], shared=(A_sh, B_sh))
+
+        def draw() -> SharedPair:
+            first = LoRALinear(*args)
+            return SharedPair(first.lora_A, first.lora_B)
+
+        d_out, d_in = site.module.weight.shape
+        pair = scope.shared(f"lora_drop {site.module_type} {d_out}x{d_in}", draw)
+        return SharedLoRALinear(*args, group=site.module_type, shared=pair)
 
     def to_peft(self, target_modules: list[str]) -> dict[str, Any]:
         raise NotImplementedError("LoRA-drop's shared LoRA has no peft equivalent; merge_and_unload() to export")

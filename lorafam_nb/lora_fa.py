@@ -31,11 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .core import AdapterModel, MethodCard, register_method
+from .core import MethodCard, register_method
 from .lora import LoraConfig, LoRALinear
-from .trainer import Callback
 
-__all__ = ["FrozenAState", "LoraFAConfig", "LoRAFALinear", "matching_rank"]
+__all__ = ["LoraFAConfig", "LoRAFALinear", "matching_rank"]
 
 
 class _FusedLoRAFA(torch.autograd.Function):
@@ -92,26 +91,6 @@ class LoRAFALinear(LoRALinear):
                                   self.scaling)
 
 
-class FrozenAState(Callback):
-    """Puts the frozen ``A`` matrices into Trainer checkpoints.
-
-    A checkpoint holds the *trainable* tensors only; ``A`` is not one, yet ``B`` is meaningless
-    without the ``A`` it was trained against. Resuming into a model whose ``A`` was drawn with a
-    different seed would silently continue from another function.
-    """
-
-    def __init__(self, model: AdapterModel) -> None:
-        self.layers = {n: l for n, l in model.adapter_layers().items() if isinstance(l, LoRAFALinear)}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"lora_A": {n: l.lora_A.detach().clone() for n, l in self.layers.items()}}
-
-    @torch.no_grad()
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for name, A in state["lora_A"].items():
-            self.layers[name].lora_A.copy_(A)
-
-
 @register_method
 @dataclass
 class LoraFAConfig(LoraConfig):
@@ -132,9 +111,6 @@ class LoraFAConfig(LoraConfig):
 
     def make_layer(self, name: str, module: nn.Module) -> LoRAFALinear:
         return LoRAFALinear(module, self.r, self.lora_alpha, self.lora_dropout, self.scaling())
-
-    def callbacks(self, model: AdapterModel) -> list[Callback]:
-        return [FrozenAState(model)]
 
     # peft has no LoRA-FA adapter type: it is a plain LoRA adapter trained by another optimizer
     # (peft's create_lorafa_optimizer). We export as LORA (inherited to_peft); a peft LORA file reads

@@ -17,8 +17,10 @@ from dataclasses import dataclass
 from importlib.metadata import version
 from importlib.util import find_spec
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+from torch import Tensor, nn
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -34,6 +36,10 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
     MODEL_FOR_MASKED_LM_MAPPING_NAMES,
 )
+
+
+if TYPE_CHECKING:
+    from .core import Site
 
 
 @dataclass(frozen=True)
@@ -271,3 +277,80 @@ def _quiet_load_report() -> Iterator[None]:
 class _DropLoadReport(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return record.funcName != "log_state_dict_report"
+
+
+# --- the feed-forward block of each architecture, as one function ------------------------------------
+
+@dataclass(frozen=True)
+class FFNLayout:
+    """Where an architecture keeps its feed-forward block, by module names relative to one transformer layer.
+
+    ``start`` is the module whose input is the FFN input (the post-attention hidden state): a whole-FFN
+    adapter replaces it. ``gate``/``up``/``down`` are the linears and ``act`` the activation module, so
+    that FFN(x) = down(act(gate x) ⊙ up x) (gated, Llama) or down(act(up x)) (BERT). When ``down`` lies
+    outside ``start`` (BERT's ``output.dense``, whose module then adds the residual and LayerNorm), the
+    adapter computes the whole FFN and ``down`` becomes the identity.
+    """
+
+    start: str
+    up: str
+    down: str
+    act: str
+    gate: str | None = None
+
+
+_LLAMA_FFN = FFNLayout(start="mlp", gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj", act="mlp.act_fn")
+FFN_LAYOUTS: dict[str, FFNLayout] = {
+    "llama": _LLAMA_FFN, "mistral": _LLAMA_FFN, "qwen2": _LLAMA_FFN, "gemma": _LLAMA_FFN,
+    "bert": FFNLayout(start="intermediate", up="intermediate.dense", act="intermediate.intermediate_act_fn",
+                      down="output.dense"),
+}
+
+
+class FeedForward(nn.Module):
+    """A frozen FFN block seen as one function of its input, whatever the architecture's module layout.
+
+    It holds the model's own linears and activation (no copies): ``gate``/``up``/``down`` are the
+    Llama names; a BERT FFN has no ``gate``.
+    """
+
+    def __init__(self, up: nn.Linear, down: nn.Linear, act: nn.Module, gate: nn.Linear | None = None) -> None:
+        super().__init__()
+        self.up, self.down, self.act, self.gate = up, down, act, gate
+
+    def inner(self, x: Tensor) -> Tensor:
+        """The d_ff-wide activation that enters ``down``."""
+        return self.act(self.gate(x)) * self.up(x) if self.gate is not None else self.act(self.up(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(self.inner(x))
+
+
+def ffn_layout(model: nn.Module) -> FFNLayout:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in FFN_LAYOUTS:
+        raise ValueError(f"no feed-forward layout is known for model_type {model_type!r}; known: "
+                         f"{sorted(FFN_LAYOUTS)} (add one to lorafam_nb.models.FFN_LAYOUTS)")
+    return FFN_LAYOUTS[model_type]
+
+
+def ffn_blocks(model: nn.Module) -> list[Site]:
+    """One :class:`~lorafam_nb.core.Site` per transformer layer's FFN, its module a :class:`FeedForward`
+    over the model's own frozen linears (``kind="ffn"``, ``d_in = d_out`` = the model width)."""
+    from .core import site_of
+
+    layout = ffn_layout(model)
+    sites = []
+    for name, _ in model.named_modules():
+        if not name.endswith("." + layout.start):
+            continue
+        layer = name[: -len(layout.start)]
+        get = model.get_submodule
+        ffn = FeedForward(get(layer + layout.up), get(layer + layout.down), get(layer + layout.act),
+                          get(layer + layout.gate) if layout.gate else None)
+        inside = layout.down.startswith(layout.start + ".")
+        sites.append(site_of(model, name, module=ffn, d_in=ffn.up.in_features, d_out=ffn.down.out_features,
+                             kind="ffn", bypass=None if inside else layer + layout.down))
+    if not sites:
+        raise ValueError(f"found no {layout.start!r} feed-forward module in {type(model).__name__}")
+    return sites

@@ -26,7 +26,7 @@ stay meaningful). The reference unloads this way after every optimizer step (``u
 does not preserve the function: the layer goes from ``W + sBA`` to ``W + (μ + (1 − μ)²) sBA``.
 
 The last stage's adapter is not unloaded (it merges like any LoRA). The trained ``W`` is saved with the
-adapter and checkpointed, through the pieces shared with Delta-LoRA (``delta_lora.py``).
+adapter (and so checkpointed), through the layer shared with Delta-LoRA (``delta_lora.py``).
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from .core import AdapterModel, MethodCard, register_method
-from .delta_lora import BackboneCheckpoint, BackboneLoRALinear, add_to_backbone
+from .delta_lora import BackboneLoRALinear, add_to_backbone
 from .lora import LoraConfig
 from .trainer import Callback, Trainer
 
@@ -63,11 +63,11 @@ class PLoRALinear(BackboneLoRALinear):
             self.lora_B.mul_(1 - momentum)
 
 
-class PeriodicUnload(BackboneCheckpoint):
+class PeriodicUnload(Callback):
     """Unloads every layer after each ``unload_every`` optimizer steps (except the last step of the run)."""
 
     def __init__(self, model: AdapterModel, unload_every: int, momentum: float | None) -> None:
-        super().__init__(model)
+        self.layers: dict[str, PLoRALinear] = model.adapter_layers()
         self.unload_every, self.momentum = unload_every, momentum
 
     def on_train_begin(self, trainer: Trainer) -> None:

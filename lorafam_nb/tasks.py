@@ -112,6 +112,10 @@ def encode(ds: datasets.Dataset, task: str, tokenizer: Any, protocol: str = "enc
     return EncodedTask(info, protocol, examples, pad)
 
 
+# Per-example fields an example may carry for adapters that route on them -> the forward kwarg.
+SIDE_FIELDS = {"task_id": "task_ids", "task_type": "task_types", "cluster_id": "cluster_ids"}
+
+
 def _pad(seqs: list[list[int]], value: int, left: bool = False) -> Tensor:
     width = max(len(s) for s in seqs)
     rows = [([value] * (width - len(s)) + s) if left else (s + [value] * (width - len(s))) for s in seqs]
@@ -123,8 +127,6 @@ def collate(task: EncodedTask, examples: list[dict[str, Any]]) -> dict[str, Tens
     labels = torch.tensor([e["label"] for e in examples],
                           dtype=torch.float32 if task.info.kind == "regression" else torch.long)
     batch: dict[str, Tensor] = {"labels": labels}
-    if "task_id" in examples[0]:
-        batch["task_ids"] = torch.tensor([e["task_id"] for e in examples])
     if task.protocol == "encoder" and task.info.kind == "multiple_choice":
         n_choices = max(len(e["choices"]) for e in examples)
         flat = [c for e in examples for c in e["choices"] + [e["choices"][0]] * (n_choices - len(e["choices"]))]
@@ -156,6 +158,12 @@ def collate(task: EncodedTask, examples: list[dict[str, Any]]) -> dict[str, Tens
         batch["attention_mask"] = _pad([[1] * len(s) for s in seqs], 0, left=True)
         batch["answer_mask"] = _pad(answer, 0, left=True)
         batch["choice_mask"] = torch.tensor([[i < len(e["continuations"]) for i in range(n_choices)] for e in examples])
+    # Per-example side inputs, one entry per row the model's layers see: multiple-choice encoders and
+    # log-likelihood batches flatten each example's choices into rows.
+    rows = batch["choice_mask"].shape[1] if task.protocol in ("encoder", "loglik") and "choice_mask" in batch else 1
+    for field, key in SIDE_FIELDS.items():
+        if field in examples[0]:
+            batch[key] = torch.tensor([e[field] for e in examples]).repeat_interleave(rows)
     return batch
 
 

@@ -4,16 +4,19 @@ Methods that change *training* (not only the forward pass) do so through two sea
 the adapter config so that a chapter never edits this loop:
 
 * ``AdapterConfig.param_groups`` — optimizer parameter groups (LoRA+ gives B a larger LR);
-* :class:`Callback` — hooks around each step. ``extra_loss`` adds terms to the loss (AdaLoRA's
+* :class:`Callback` — hooks around each step. ``extra_loss`` adds named terms to the loss (AdaLoRA's
   orthogonality penalty), ``on_after_backward`` sees the gradients (AdaLoRA's sensitivity),
   ``on_step_end`` runs after the optimizer step (Delta-LoRA's update of W, PeriodicLoRA's unloading).
 
-Auxiliary losses that adapter layers record during forward (MoE load balance, contrastive terms)
-are added to the loss automatically.
+Auxiliary losses come through one channel: the adapter's weighted terms of each forward
+(:meth:`~lorafam_nb.core.AdapterModel.aux_losses`: MoE load balance, contrastive terms) and the
+callbacks' named terms are added to the task loss, and every logged step records each term by name,
+with the routing recorder's summary for mixtures.
 
 Reproducibility: the data order of epoch ``e`` is a permutation drawn from ``seed + e``; a checkpoint
-holds the trainable tensors, optimizer, scheduler, RNG states, callback states and the log, so an
-interrupted run resumed from it ends with the same numbers as an uninterrupted one.
+holds the adapter's whole state (trainable tensors, frozen adapter tensors such as LoRA-FA's ``A``, and
+backbone weights a method rewrites), the optimizer, scheduler, RNG states, callback states and the
+log, so an interrupted run resumed from it ends with the same numbers as an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -84,8 +88,9 @@ class Callback:
 
     def on_train_begin(self, trainer: Trainer) -> None: ...
 
-    def extra_loss(self, trainer: Trainer) -> Tensor | None:
-        return None
+    def extra_loss(self, trainer: Trainer) -> dict[str, Tensor]:
+        """Named terms to add to this micro-batch's loss (already weighted)."""
+        return {}
 
     def on_after_backward(self, trainer: Trainer) -> None: ...
 
@@ -168,7 +173,7 @@ class Trainer:
             group["lr"] = lr * self._lr_factor(self.step)
 
     # --- data order -------------------------------------------------------------------------
-    def _micro_batches(self, start_step: int):
+    def micro_batches(self, start_step: int):
         """Micro-batches from optimizer step ``start_step`` on, in a seed-determined order."""
         cfg, n = self.config, len(self.train_task)
         per_epoch = math.ceil(n / cfg.batch_size)  # the last micro-batch of an epoch may be short
@@ -181,7 +186,10 @@ class Trainer:
             epoch, offset = epoch + 1, 0
 
     # --- checkpoints ------------------------------------------------------------------------
-    def _trainable_state(self) -> dict[str, Tensor]:
+    def _model_state(self) -> dict[str, Tensor]:
+        """What a checkpoint restores: an adapter model's whole adapter state, else the trainable tensors."""
+        if isinstance(self.model, AdapterModel):
+            return {k: v.detach().clone() for k, v in self.model.adapter_state_dict().items()}
         names = {id(p): n for n, p in self.model.named_parameters()}
         return {names[id(p)]: p.detach().clone() for p in self.trainable}
 
@@ -189,7 +197,7 @@ class Trainer:
         path = Path(self.config.checkpoint_dir) / "checkpoint.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {
-            "step": self.step, "config": asdict(self.config), "params": self._trainable_state(),
+            "step": self.step, "config": asdict(self.config), "params": self._model_state(),
             "schedule_window": self.schedule_window,
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "callbacks": [c.state_dict() for c in self.callbacks], "result": asdict(self.result),
@@ -204,10 +212,13 @@ class Trainer:
         if not path.exists():
             return False
         state = torch.load(path, weights_only=False)
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for name, value in state["params"].items():
-                params[name].copy_(value)
+        if isinstance(self.model, AdapterModel):
+            self.model.load_adapter_state_dict(state["params"], source=str(path))
+        else:
+            params = dict(self.model.named_parameters())
+            with torch.no_grad():
+                for name, value in state["params"].items():
+                    params[name].copy_(value)
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule_window = tuple(state["schedule_window"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -231,11 +242,50 @@ class Trainer:
         self.result.evals.append(row)
         return row
 
-    def _loss(self, examples: list[dict[str, Any]]) -> Tensor:
+    def _loss_terms(self, examples: list[dict[str, Any]]) -> dict[str, Tensor]:
+        """The task loss (``"task"``) and every named auxiliary term of one micro-batch, weighted."""
         batch = batch_to(collate(self.train_task, examples), self.device)
         loss, _ = score_batch(self.model, self.train_task, batch)
-        aux = self.model.aux_loss() if isinstance(self.model, AdapterModel) else None
-        return loss if aux is None else loss + aux
+        terms = {"task": loss}
+        if isinstance(self.model, AdapterModel):
+            terms.update(self.model.aux_losses())
+        for callback in self.callbacks:
+            for name, value in callback.extra_loss(self).items():
+                if name in terms:
+                    raise ValueError(f"two sources add a loss term named {name!r}")
+                terms[name] = value
+        return terms
+
+    def _loss(self, examples: list[dict[str, Any]]) -> Tensor:
+        return torch.stack(list(self._loss_terms(examples).values())).sum()
+
+    def train_step(self, batches: Iterator[list[dict[str, Any]]]) -> tuple[float, dict[str, float]]:
+        """One optimizer step over ``grad_accum`` micro-batches from ``batches``, the method's hooks
+        included; returns the loss and each auxiliary term (as logged). :meth:`train` runs these in a
+        loop; the benchmark interleaves them across setups."""
+        cfg = self.config
+        total, logged = 0.0, {}
+        for _ in range(cfg.grad_accum):
+            terms = self._loss_terms(next(batches))
+            loss = torch.stack(list(terms.values())).sum()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at optimizer step {self.step + 1}; run stopped")
+            (loss / cfg.grad_accum).backward()
+            total += loss.item() / cfg.grad_accum
+            for name, value in terms.items():
+                if name != "task":
+                    logged[name] = logged.get(name, 0.0) + value.item() / cfg.grad_accum
+        for callback in self.callbacks:
+            callback.on_after_backward(self)
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        for callback in self.callbacks:
+            callback.on_step_end(self)
+        return total, logged
 
     def train(self, resume: bool = False) -> TrainResult:
         cfg = self.config
@@ -247,35 +297,24 @@ class Trainer:
         self.model.train()
         for callback in self.callbacks:
             callback.on_train_begin(self)
-        batches = self._micro_batches(self.step)
+        batches = self.micro_batches(self.step)
         # mininterval keeps notebook output (one line per refresh outside a terminal) short.
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not cfg.progress, desc="train",
                    mininterval=5.0)
         first_step, step_seconds = self.step, 0.0
+        recorder = self.model.recorder if isinstance(self.model, AdapterModel) else None
+        if recorder is not None:
+            recorder.reset()
         while self.step < self.total_steps:
-            started, total = time.perf_counter(), 0.0
-            for _ in range(cfg.grad_accum):
-                loss = self._loss(next(batches))
-                for callback in self.callbacks:
-                    extra = callback.extra_loss(self)
-                    loss = loss if extra is None else loss + extra
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss became {loss.item()} at optimizer step {self.step + 1}; run stopped")
-                (loss / cfg.grad_accum).backward()
-                total += loss.item() / cfg.grad_accum
-            for callback in self.callbacks:
-                callback.on_after_backward(self)
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
-            for callback in self.callbacks:
-                callback.on_step_end(self)
+            started = time.perf_counter()
+            total, logged = self.train_step(batches)
             step_seconds += time.perf_counter() - started
             if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                self.result.history.append({"step": self.step, "loss": total, "lr": self.scheduler.get_last_lr()[0]})
+                row = {"step": self.step, "loss": total, "lr": self.scheduler.get_last_lr()[0], **logged}
+                if recorder is not None:  # routing since the last logged step
+                    row.update(recorder.summary())
+                    recorder.reset()
+                self.result.history.append(row)
             bar.set_postfix(loss=f"{total:.4f}", refresh=False)
             bar.update(1)
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:

@@ -18,15 +18,15 @@ with :math:`W_0 \\in \\mathbb{R}^{d_{out} \\times d_{in}}` frozen, :math:`A \\in
   adapted layers, :math:`A \\in \\mathbb{R}^{r \\times D_{in}}`, :math:`B \\in \\mathbb{R}^{D_{out} \\times r}`, and a
   layer uses the slices ``A[:, :d_in]`` and ``B[:d_out, :]`` (peft's rule; the paper's GLUE runs adapt
   only equal-shaped layers and its text does not say).
-* The pair is drawn from a generator seeded with ``projection_prng_key`` (so it could be regenerated)
-  and, by default, also saved once with the adapter (``save_projection``), because PyTorch does not
+* The pair is drawn from a generator seeded with ``projection_prng_key`` (so it could be regenerated),
+  lives in the adapted model's scope and, by default, is also saved once with the adapter
+  (``save_projection``), because PyTorch does not
   promise the same random stream on every device and version.
 * Trainable per layer: ``d_out + r``; frozen, once per model: ``r (D_in + D_out)``.
 * Mergeable: :math:`W = W_0 + Λ_b B Λ_d A`.
 """
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .core import AdapterConfig, AdapterContext, AdapterLayer, AdapterModel, MethodCard, register_method
+from .core import AdapterConfig, AdapterLayer, AdapterModel, AdapterScope, MethodCard, Site, register_method
 
 __all__ = ["VeraConfig", "VeRALinear", "VeraProjections", "shared_projections"]
 
@@ -75,56 +75,34 @@ class VeraProjections(nn.Module):
 
 VECTORS = ("vera_lambda_b", "vera_lambda_d")  # the trained parameters of a layer, by name
 
-# One shared pair per adapted model, keyed by the model's AdapterContext (AdapterModel creates one per
-# model and hands it to all of its layers). Weak keys: a discarded model takes its pair with it.
-_SHARED: weakref.WeakKeyDictionary[AdapterContext, VeraProjections] = weakref.WeakKeyDictionary()
-
 
 class VeRALinear(AdapterLayer):
     """``nn.Linear`` plus ``Λ_b B Λ_d A x`` with the model's shared frozen (A, B).
 
-    A layer built on its own uses a pair of its own; once ``AdapterModel`` assigns the model's
-    context, the layer switches to the pair all layers of that model share. The first layer to
-    create a pair owns it: only the owner puts A and B into the saved adapter, so they are stored once.
+    ``projections`` is the pair all layers of one model share: the model's
+    :class:`~lorafam_nb.core.AdapterScope` owns it and saves it once (:meth:`VeraConfig.build_layer`).
+    A layer built on its own (``projections=None``) draws a pair of its own.
     """
 
     def __init__(self, base_layer: nn.Linear, r: int, d_initial: float = 0.1, vera_dropout: float = 0.0,
-                 projection_prng_key: int = 0, save_projection: bool = True) -> None:
+                 projection_prng_key: int = 0, projections: VeraProjections | None = None) -> None:
         super().__init__(base_layer)
         if not isinstance(r, int) or r <= 0:
             raise ValueError(f"VeRA rank r must be a positive integer, got {r!r}")
         w = base_layer.weight
-        self.r, self.projection_prng_key, self.save_projection = r, projection_prng_key, save_projection
+        self.r = r
         # b = 0 makes ΔW = 0 at step 0; d starts at one constant so that b receives a gradient.
         self.vera_lambda_b = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
         self.vera_lambda_d = nn.Parameter(torch.full((r,), float(d_initial), dtype=w.dtype, device=w.device))
         # p = 0 skips the dropout call entirely: it would otherwise copy the activation.
         self.vera_dropout = nn.Dropout(vera_dropout) if vera_dropout > 0 else nn.Identity()
-        self._join(self.context)
-
-    # AdapterModel assigns ``layer.context`` right after make_layer: the moment a layer learns which
-    # model it belongs to, and hence which shared pair to use. (AdapterLayer.__init__ assigns a private
-    # context before b and d exist; __init__ then joins that one itself.)
-    @property
-    def context(self) -> AdapterContext:
-        return self._context
-
-    @context.setter
-    def context(self, context: AdapterContext) -> None:
-        self._context = context
-        if "vera_lambda_d" in self._parameters:
-            self._join(context)
-
-    def _join(self, context: AdapterContext) -> None:
-        shared = _SHARED.get(context)
-        self.owns_projections = shared is None
-        if shared is None:
-            shared = _SHARED[context] = VeraProjections(self.r, self.projection_prng_key)
-        elif (shared.r, shared.projection_prng_key) != (self.r, self.projection_prng_key):
-            raise ValueError(f"all VeRA layers of a model share one (A, B): r={self.r}, projection_prng_key="
-                             f"{self.projection_prng_key} differs from r={shared.r}, key={shared.projection_prng_key}")
-        shared.cover(self.base_layer.in_features, self.base_layer.out_features, like=self.base_layer.weight)
-        self.vera_projections = shared
+        projections = projections if projections is not None else VeraProjections(r, projection_prng_key)
+        if (projections.r, projections.projection_prng_key) != (r, projection_prng_key):
+            raise ValueError(f"all VeRA layers of a model share one (A, B): r={r}, projection_prng_key="
+                             f"{projection_prng_key} differs from r={projections.r}, key={projections.projection_prng_key}")
+        projections.cover(base_layer.in_features, base_layer.out_features, like=w)
+        # A submodule, so that model.to(...) reaches the pair; its tensors are saved once, by the scope.
+        self.vera_projections = projections
 
     def projections(self) -> tuple[Tensor, Tensor]:
         """This layer's views ``A[:, :d_in]`` and ``B[:d_out, :]`` of the shared pair (no copies)."""
@@ -145,14 +123,11 @@ class VeRALinear(AdapterLayer):
         return torch.addcmul(h, self.vera_lambda_b, z)  # h + b ⊙ z, one kernel
 
     def adapter_state_dict(self) -> dict[str, Tensor]:
-        """b and d; the owner adds A and B (once per model) when ``save_projection`` is on."""
-        state = {k: v for k, v in super().adapter_state_dict().items() if not k.startswith("vera_projections.")}
-        if self.owns_projections and self.save_projection:
-            state |= {"vera_A": self.vera_projections.vera_A, "vera_B": self.vera_projections.vera_B}
-        return state
+        """b and d: the shared A and B are the scope's to save (once per model)."""
+        return {k: v for k, v in super().adapter_state_dict().items() if not k.startswith("vera_projections.")}
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, owns_projections={self.owns_projections}"
+        return f"r={self.r}"
 
 
 @register_method
@@ -197,8 +172,14 @@ class VeraConfig(AdapterConfig):
             raise ValueError(f"head_lr must be positive or None, got {self.head_lr}")
 
     def make_layer(self, name: str, module: nn.Module) -> VeRALinear:
-        return VeRALinear(module, self.r, self.d_initial, self.vera_dropout, self.projection_prng_key,
-                          self.save_projection)
+        return VeRALinear(module, self.r, self.d_initial, self.vera_dropout, self.projection_prng_key)
+
+    def build_layer(self, site: Site, scope: AdapterScope) -> VeRALinear:
+        """A layer on the model's one shared pair; the scope saves the pair unless ``save_projection`` is off
+        (then a reload redraws it from ``projection_prng_key``)."""
+        pair = scope.shared("vera_projections", lambda: VeraProjections(self.r, self.projection_prng_key),
+                            persistent=self.save_projection)
+        return VeRALinear(site.module, self.r, self.d_initial, self.vera_dropout, self.projection_prng_key, pair)
 
     def param_groups(self, model: AdapterModel, lr: float, weight_decay: float) -> list[dict[str, Any]]:
         if self.head_lr is None:

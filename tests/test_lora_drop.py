@@ -15,6 +15,7 @@ from lorafam_nb.core import AdapterConfig
 from lorafam_nb.lora_drop import (
     LoraDropConfig,
     SharedLoRALinear,
+    SharedPair,
     importance,
     module_type,
     output_energy,
@@ -188,7 +189,13 @@ def test_dropped_layers_share_the_same_tensors_per_type():
         shared = [l for n, l in layers.items() if n.endswith(suffix) and n not in KEPT]
         assert all(isinstance(l, SharedLoRALinear) for l in shared)
         assert all(l.lora_A is shared[0].lora_A and l.lora_B is shared[0].lora_B for l in shared)
-        assert [l.owner for l in shared] == [True] + [False] * (len(shared) - 1)
+    # the model's scope owns one pair per (type, shape): three types here
+    pairs = list(model.adapter_scope.entries.values())
+    assert len(pairs) == 3 and all(isinstance(p, SharedPair) for p in pairs)
+    assert {id(p.lora_A) for p in pairs} == {id(l.lora_A) for l in layers.values() if isinstance(l, SharedLoRALinear)}
+    # The same config on a second model: pairs of its own, not the first model's.
+    other = drop_model()
+    assert not {id(p.lora_A) for p in other.adapter_scope.entries.values()} & {id(p.lora_A) for p in pairs}
     own = [l.lora_A for n, l in layers.items() if n in KEPT]
     assert len({id(p) for p in own}) == len(own)
     # query and value have the same shape but are different types: different shared pairs
@@ -290,10 +297,10 @@ def test_save_load_round_trip_keeps_sharing(tmp_path):
     model.save_adapter(tmp_path)
     from safetensors.torch import load_file
     keys = set(load_file(str(tmp_path / "adapter.safetensors")))
-    owners = [n for n, l in model.adapter_layers().items() if isinstance(l, SharedLoRALinear) and l.owner]
-    members = [n for n, l in model.adapter_layers().items() if isinstance(l, SharedLoRALinear) and not l.owner]
-    assert {f"{n}.lora_A" for n in owners + KEPT} <= keys
-    assert not any(k.startswith(tuple(f"{n}." for n in members)) for k in keys)  # each shared tensor once
+    members = [n for n, l in model.adapter_layers().items() if isinstance(l, SharedLoRALinear)]
+    assert {f"{n}.lora_A" for n in KEPT} <= keys
+    assert sum(k.startswith("adapter_scope.") and k.endswith(".lora_A") for k in keys) == 3  # each pair once
+    assert not any(k.startswith(tuple(f"{n}." for n in members)) for k in keys)
 
     loaded = AdapterModel.from_pretrained(bert4(), tmp_path)  # same frozen base
     assert isinstance(loaded.adapter_config, LoraDropConfig) and loaded.adapter_config.kept_modules == KEPT

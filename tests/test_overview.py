@@ -19,10 +19,11 @@ import pytest
 import torch
 import yaml
 from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import tiny_bert
-from lorafam_nb import MethodCard, count_parameters, get_adapter_model
-from lorafam_nb.core import METHOD_MODULES, AdapterLayer, import_methods
+from lorafam_nb import AdapterConfig, MethodCard, count_parameters, get_adapter_model
+from lorafam_nb.core import METHOD_PATHS, AdapterLayer, import_methods
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,8 +63,9 @@ def latex_to_python(formula: str) -> str:
     return re.sub(r"(?<=[\w)])\(", "*(", expr)  # implicit products: r(…) -> r*(…), )( -> )*(
 
 
-# How a card's symbols map to config fields: the rank is ``r``, or AdaLoRA's initial rank.
-RANK_FIELDS = {"r": "r", "r_init": "init_r"}
+# How a card's symbols map to config fields: the rank is ``r``, or AdaLoRA's initial rank; a mixture's
+# expert count is E or N (N_j: the count of the layer at hand).
+RANK_FIELDS = {"r": "r", "r_init": "init_r", "E": "num_experts", "N": "num_experts", "N_j": "num_experts"}
 
 
 def config_with_rank(cls: type, rank: int, **kwargs):
@@ -80,8 +82,8 @@ def evaluate(card: MethodCard, config, d_in: int, d_out: int) -> int:
 
 
 def test_every_method_module_registers_a_config_with_its_own_card():
-    modules = {cls.__module__.rpartition(".")[2] for cls in METHODS.values()}
-    assert modules == set(METHOD_MODULES)
+    modules = {cls.__module__.removeprefix("lorafam_nb.") for cls in METHODS.values()}
+    assert modules == set(METHOD_PATHS.values())
     for name, cls in METHODS.items():
         # Configs subclass LoraConfig: an inherited card would silently describe LoRA instead.
         assert "card" in cls.__dict__, f"{cls.__name__} inherits its card; set its own"
@@ -135,8 +137,14 @@ def test_card_parameter_formula_matches_num_parameters_and_a_real_layer(name, d_
     formula = evaluate(cls.card, config, d_in, d_out)
     # What an injected layer really trains (one adapted linear, nothing else trainable).
     torch.manual_seed(0)
-    model = get_adapter_model(nn.Sequential(nn.Linear(d_in, d_out)), config_with_rank(cls, rank))
-    trainable, _ = count_parameters(model)
+    if config.sites.__func__ is not AdapterConfig.sites:  # whole-FFN mixtures: the experts on the FFN's up linear
+        llama = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=d_in, intermediate_size=d_out,
+                                             num_hidden_layers=1, num_attention_heads=1))
+        layer = next(l for l in get_adapter_model(llama, config).adapter_layers().values() if hasattr(l, "experts"))
+        trainable = sum(p.numel() for p in layer.experts["up"].parameters())
+    else:
+        model = get_adapter_model(nn.Sequential(nn.Linear(d_in, d_out)), config_with_rank(cls, rank))
+        trainable, _ = count_parameters(model)
     assert formula == trainable, f"{name}: card says {cls.card.params} = {formula}, the layer trains {trainable}"
     if hasattr(config, "num_parameters"):
         assert config.num_parameters(d_in, d_out) == formula

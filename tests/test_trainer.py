@@ -82,7 +82,7 @@ def test_restart_schedule_and_resume_across_stages(tmp_path):
 def test_nan_loss_stops_naming_the_step():
     class Poison(Callback):
         def extra_loss(self, trainer):
-            return torch.tensor(float("nan")) if trainer.step == 3 else None
+            return {"poison": torch.tensor(float("nan"))} if trainer.step == 3 else {}
     with pytest.raises(FloatingPointError, match="step 4"):
         Trainer(lora_model(), toy_task(), cfg(), callbacks=[Poison()]).train()
 

@@ -78,7 +78,7 @@ def test_one_pair_per_model_sized_to_largest_and_sliced(bert):
     A, B = inter.projections()
     assert torch.equal(A, pair.vera_A[:, :32]) and torch.equal(B, pair.vera_B[:64])
     assert A.data_ptr() == pair.vera_A.data_ptr()  # a view of the shared tensor, not a copy
-    assert sum(layer.owns_projections for layer in layers.values()) == 1
+    assert list(model.adapter_scope.entries.values()) == [pair]  # the model's scope owns the one pair
     # The same config object on a second model: a pair of its own (same seed, same values), not the first's.
     other = get_adapter_model(tiny_bert(), cfg)
     assert shared_projections(other) is not pair and torch.equal(shared_projections(other).vera_A, pair.vera_A)

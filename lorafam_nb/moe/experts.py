@@ -1,0 +1,104 @@
+"""E LoRA experts in two stacked tensors, and the token dispatch that runs them in a batch.
+
+Expert e is the pair (A_e, B_e) with A ∈ R^{E×r×d_in}, B ∈ R^{E×d_out×r}, scale s = α/r; its update of
+a token x is ``s · B_e A_e x``. Two ways to run a mixture, both without a loop over tokens or experts:
+
+* **dense** (:meth:`LoRAExperts.dense`): every expert on every token, weighted by a (T, E) gate. It is
+  one rank-E·r LoRA: ``x A_catᵀ`` (T × E·r), scaled per expert by the gate, times ``B_cat``. Cheapest
+  when most weights are non-zero (soft routing, or k close to E).
+* **sparse** (:class:`Dispatch` + :meth:`LoRAExperts.grouped`): only the k selected experts per token.
+  The T·k (token, expert) assignments are sorted by expert and padded into an (E, C, d) block, C the
+  largest expert load, so that one batched matmul runs every expert on its own tokens.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Dispatch", "LoRAExperts"]
+
+
+@dataclass
+class Dispatch:
+    """The top-k assignments of T tokens sorted by expert. Assignment i (in sorted order) sends token
+    ``token[i]`` to expert ``expert[i]`` with weight ``weight[i]``, at position ``slot[i]`` of that
+    expert's group; ``capacity`` is the largest group (the padded width)."""
+
+    token: Tensor  # (N,), N = T·k
+    expert: Tensor  # (N,)
+    slot: Tensor  # (N,)
+    weight: Tensor  # (N,)
+    num_tokens: int
+    num_experts: int
+    capacity: int
+
+    @classmethod
+    def build(cls, selected: Tensor, weights: Tensor, num_experts: int) -> Dispatch:
+        num_tokens, k = selected.shape
+        flat = selected.reshape(-1)
+        expert, order = flat.sort(stable=True)
+        counts = torch.bincount(flat, minlength=num_experts)
+        starts = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(flat.numel(), device=flat.device) - starts[expert]
+        return cls(order // k, expert, slot, weights.reshape(-1)[order], num_tokens, num_experts,
+                   int(counts.max()) if flat.numel() else 0)
+
+    def group(self, rows: Tensor) -> Tensor:
+        """(N, d) rows in assignment order -> (E, C, d), zero-padded."""
+        out = rows.new_zeros(self.num_experts, self.capacity, rows.shape[-1])
+        return out.index_put((self.expert, self.slot), rows)
+
+    def ungroup(self, grouped: Tensor) -> Tensor:
+        """(E, C, d) -> (N, d) rows in assignment order (the padding is dropped)."""
+        return grouped[self.expert, self.slot]
+
+    def combine(self, rows: Tensor) -> Tensor:
+        """Σ over each token's assignments of weight · row: (N, d) -> (T, d)."""
+        out = rows.new_zeros(self.num_tokens, rows.shape[-1])
+        return out.index_add(0, self.token, rows * self.weight.to(rows.dtype)[:, None])
+
+
+class LoRAExperts(nn.Module):
+    """E LoRA pairs for one d_out × d_in weight: ``lora_A`` (E, r, d_in), ``lora_B`` (E, d_out, r).
+
+    Init as LoRA, expert by expert: A Kaiming-uniform (a = √5, bound 1/√d_in), B = 0, so every expert's
+    update is 0 at step 0 and the mixture starts at the frozen model.
+    """
+
+    def __init__(self, num_experts: int, r: int, d_in: int, d_out: int, scaling: float,
+                 dtype: torch.dtype | None = None, device: torch.device | None = None) -> None:
+        super().__init__()
+        if not isinstance(r, int) or r <= 0:
+            raise ValueError(f"expert rank r must be a positive integer, got {r!r}")
+        self.num_experts, self.r, self.scaling = num_experts, r, scaling
+        self.lora_A = nn.Parameter(torch.empty(num_experts, r, d_in, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(num_experts, d_out, r, dtype=dtype, device=device))
+        bound = 1 / math.sqrt(d_in)  # what kaiming_uniform_(a=√5) gives each expert's (r, d_in) A
+        nn.init.uniform_(self.lora_A, -bound, bound)
+
+    def delta_weight(self, e: int) -> Tensor:
+        """Expert e's update as a dense d_out × d_in matrix, ``s B_e A_e``."""
+        return self.scaling * self.lora_B[e] @ self.lora_A[e]
+
+    def dense(self, x: Tensor, gates: Tensor) -> Tensor:
+        """``Σ_e g_te · s B_e A_e x_t`` for (T, d_in) tokens and (T, E) gates -> (T, d_out)."""
+        E, r = self.num_experts, self.r
+        z = x @ self.lora_A.reshape(E * r, -1).t()  # (T, E·r): every expert's r coordinates
+        z = (z.view(-1, E, r) * gates.to(z.dtype)[..., None]).view(-1, E * r)
+        return (z @ self.lora_B.permute(0, 2, 1).reshape(E * r, -1)) * self.scaling
+
+    def grouped(self, x: Tensor) -> Tensor:
+        """Each expert on its own group: (E, C, d_in) -> (E, C, d_out), ``s · x A_eᵀ B_eᵀ`` per group."""
+        return torch.bmm(torch.bmm(x, self.lora_A.transpose(1, 2)), self.lora_B.transpose(1, 2)) * self.scaling
+
+    def sparse(self, x: Tensor, dispatch: Dispatch) -> Tensor:
+        """``Σ_{e ∈ top-k(t)} w_te · s B_e A_e x_t`` -> (T, d_out), through the dispatch's groups."""
+        rows = dispatch.ungroup(self.grouped(dispatch.group(x[dispatch.token])))
+        return dispatch.combine(rows)
+
+    def extra_repr(self) -> str:
+        E, d_out, r = self.lora_B.shape
+        return f"num_experts={E}, r={r}, d_in={self.lora_A.shape[2]}, d_out={d_out}, scaling={self.scaling:g}"
