@@ -2,6 +2,8 @@
 (trainable counts, the memory each method's design implies, the measured step count)."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -48,3 +50,27 @@ def test_memory_follows_each_design_on_minilm():
     assert results["dora"].memory_mb < results["peft:dora"].memory_mb
     assert results["dora"].trainable == results["peft:dora"].trainable
     assert set(ratios(list(results.values()))) == {"dora / peft:dora"}
+
+
+def test_interleaved_steps_every_setup_in_rotating_rounds(bert, monkeypatch):
+    from lorafam_nb import bench
+    from lorafam_nb.trainer import Trainer
+
+    batch = {"input_ids": torch.randint(1, 100, (4, 12)), "attention_mask": torch.ones(4, 12, dtype=torch.long),
+             "labels": torch.tensor([0, 1, 0, 1])}
+    models = {name: get_adapter_model(copy.deepcopy(bert), LoraConfig(r=r, target_modules=["query"],
+                                                                      modules_to_save=["classifier"]))
+              for name, r in (("a", 2), ("b", 4), ("c", 8))}
+    order = []
+    step = Trainer.train_step
+    monkeypatch.setattr(Trainer, "train_step", lambda self, batches: (order.append(self.model), step(self, batches))[1])
+    result = bench.interleaved(models, batch, steps=3, device=torch.device("cpu"), warmup=1)
+    names = {id(m): n for n, m in models.items()}
+    rounds = ["".join(names[id(m)] for m in order[i:i + 3]) for i in range(0, len(order), 3)]
+    assert rounds == ["abc", "bca", "cab", "abc"]  # one warm-up round, then three timed ones
+    assert {n: len(t) for n, t in result.times.items()} == {"a": 3, "b": 3, "c": 3}
+    assert all(m.adapter_layers()["bert.encoder.layer.0.attention.self.query"].lora_B.abs().sum() > 0
+               for m in models.values())  # real optimizer steps
+    result.times = {"a": [1.0, 2.0, 4.0], "b": [2.0, 2.0, 2.0]}
+    assert result.ratio("a", "b") == 1.0 and result.median("a") == 2.0  # median of the per-round ratios
+    assert [r["setup"] for r in result.rows("b")] == ["a", "b"] and result.rows("b")[1]["× b"] == 1.0

@@ -13,11 +13,14 @@ from typing import ClassVar
 
 from torch import Tensor, nn
 
-from ..core import BUDGET_TOLERANCE, AdapterConfig, AdapterLayer, AdapterScope, Site
+import torch
+
+from ..core import BUDGET_TOLERANCE, AdapterConfig, AdapterContext, AdapterLayer, AdapterScope, Route, Site
 from .experts import Dispatch, LoRAExperts
+from .losses import pooled_load_balance
 from .routers import DenseRouter, TopKRouter
 
-__all__ = ["MoELinearConfig", "MoELoRALinear", "mixture_budget_candidates", "mixture_budget_order"]
+__all__ = ["MoELinearConfig", "MoELoRALinear", "TopKLinearConfig", "mixture_budget_candidates", "mixture_budget_order"]
 
 PATHS = ("sparse", "dense")
 
@@ -131,3 +134,39 @@ class MoELinearConfig(AdapterConfig):
     def num_parameters(self, d_in: int, d_out: int) -> int:
         """Per adapted d_out × d_in linear at the default expert count: N r (d_in + d_out) + N d_in."""
         return self.num_experts * (self.r * (d_in + d_out) + d_in)
+
+
+@dataclass
+class TopKLinearConfig(MoELinearConfig):
+    """A token-routed mixture on single linears (MoLA, MoRAL): each token's ``top_k`` experts by a router
+    on the linear's input, and a Switch load-balance term weighted by ``router_aux_loss_coef``, over the
+    routing of all adapted linears at once (:meth:`load_balance`; a method may pool it otherwise)."""
+
+    top_k: int = 2
+    router_aux_loss_coef: float = 0.01
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.top_k, int) or self.top_k < 1:
+            raise ValueError(f"top_k must be a positive integer, got {self.top_k!r}")
+        if any(not isinstance(n, int) or n < self.top_k for n in self.expert_counts()):
+            raise ValueError(f"every layer needs at least top_k={self.top_k} experts; got {self.expert_counts()}")
+
+    def expert_counts(self) -> list[int]:
+        """The expert counts the config's layers use."""
+        return [self.num_experts]
+
+    def router(self, site: Site, num_experts: int) -> TopKRouter:
+        return TopKRouter(site.d_in, num_experts, self.top_k, dtype=torch.float32, device=site.module.weight.device)
+
+    def aux_loss_weights(self) -> dict[str, float]:
+        return {"load_balance": self.router_aux_loss_coef}
+
+    def aux_loss_terms(self, context: AdapterContext) -> dict[str, Tensor]:
+        routes = [r for r in context.routes if r.probs.shape[0]]
+        if not routes or self.router_aux_loss_coef == 0:
+            return {}
+        return {"load_balance": self.load_balance(routes)}
+
+    def load_balance(self, routes: list[Route]) -> Tensor:
+        return pooled_load_balance(routes)

@@ -5,10 +5,14 @@ experts *before* any top-k, so that the gradient reaches every router logit.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
-__all__ = ["cv_squared", "localized_balance", "router_z_loss", "switch_load_balance"]
+from ..core import Route
+
+__all__ = ["cv_squared", "localized_balance", "pooled_load_balance", "router_z_loss", "switch_load_balance"]
 
 
 def _wide(x: Tensor) -> Tensor:
@@ -26,6 +30,12 @@ def switch_load_balance(probs: Tensor, selected: Tensor) -> Tensor:
     num_experts = probs.shape[-1]
     counts = torch.bincount(selected.reshape(-1), minlength=num_experts).to(probs.dtype)
     return num_experts * (counts / probs.shape[0] * probs.mean(0)).sum()
+
+
+def pooled_load_balance(routes: Sequence[Route]) -> Tensor:
+    """:func:`switch_load_balance` over the tokens of several routed layers at once, their routing
+    concatenated (one term for all of them, which is not the sum of per-layer terms)."""
+    return switch_load_balance(torch.cat([r.probs for r in routes]), torch.cat([r.selected for r in routes]))
 
 
 def router_z_loss(logits: Tensor) -> Tensor:
