@@ -40,8 +40,8 @@ from .models import MODELS, load_model
 from .tasks import EncodedTask
 from .trainer import Callback, TrainConfig, Trainer
 
-__all__ = ["BenchResult", "Interleaved", "frozen", "interleaved", "method_config", "ratios", "run_benchmark", "setups",
-           "main"]
+__all__ = ["BenchResult", "Interleaved", "SavedTensorMeter", "frozen", "interleaved", "main", "measure",
+           "method_config", "ratios", "run_benchmark", "setups"]
 
 
 @dataclass
@@ -56,7 +56,7 @@ class BenchResult:
                 "memory MB": round(self.memory_mb, 1), "trainable": self.trainable}
 
 
-class _SavedTensorMeter:
+class SavedTensorMeter:
     """Sums the storage bytes autograd saves for backward (each storage once, parameters excluded)."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -103,7 +103,7 @@ class _Probe(Callback):
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         else:
-            self._meter = _SavedTensorMeter(trainer.model)
+            self._meter = SavedTensorMeter(trainer.model)
             self._hooks = torch.autograd.graph.saved_tensors_hooks(self._meter.pack, lambda t: t)
             self._hooks.__enter__()
 
@@ -192,13 +192,13 @@ def interleaved(models: dict[str, nn.Module], batch: dict[str, torch.Tensor], st
     return Interleaved(times)
 
 
-def _measure(name: str, model: nn.Module, batch: dict[str, torch.Tensor], steps: int,
-             device: torch.device) -> BenchResult:
+def measure(name: str, model: nn.Module, batch: dict[str, torch.Tensor], steps: int,
+            device: torch.device, protocol: str = "encoder") -> BenchResult:
     """``steps`` timed optimizer steps after two warm-up steps (allocator, optimizer state)."""
     probe = _Probe(device)
     config = TrainConfig(lr=1e-4, max_steps=steps + 2, batch_size=len(batch["labels"]), warmup_ratio=0.0,
                          schedule="constant", max_grad_norm=None, device=str(device), progress=False)
-    Trainer(model, _task_of(batch), config, callbacks=[probe]).train()
+    Trainer(model, _task_of(batch, protocol), config, callbacks=[probe]).train()
     trainable, _ = count_parameters(model)
     return BenchResult(name, statistics.median(probe.times[2:]), probe.memory / 2**20, trainable)
 
@@ -256,7 +256,7 @@ def run_benchmark(batch_size: int = 16, seq_len: int = 128, steps: int = 10, r: 
     batch = {"input_ids": torch.randint(1000, 20000, (batch_size, seq_len)),
              "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long),
              "labels": torch.randint(0, 2, (batch_size,))}
-    return [_measure(name, build(copy.deepcopy(base)), batch, steps, torch.device(device))
+    return [measure(name, build(copy.deepcopy(base)), batch, steps, torch.device(device))
             for name, build in all_setups.items() if not only or name in only]
 
 

@@ -427,14 +427,14 @@ class AdapterConfig:
         raise NotImplementedError(f"{self.method} has no num_parameters(d_in, d_out) formula")
 
     @classmethod
-    def budget_candidates(cls, sites: list[Site]) -> list[dict[str, int]]:
+    def budget_candidates(cls, sites: list[Site]) -> list[dict[str, Any]]:
         """Size settings to try when matching a parameter budget: the knob from 1 to the largest rank any
         adapted ``ΔW`` can have, ``max min(d_in, d_out)`` (a larger knob adds parameters, not rank)."""
         top = max(min(s.d_in, s.d_out) for s in sites)
         return [{cls.budget_knob: v} for v in range(1, top + 1)]
 
     @classmethod
-    def budget_order(cls, values: dict[str, int], count: int, target: int) -> tuple[float, ...]:
+    def budget_order(cls, values: dict[str, Any], count: int, target: int) -> tuple[float, ...]:
         """Sort key among candidates (smallest wins): the nearest count, ties to the larger knob."""
         return (abs(count - target), -values[cls.budget_knob])
 

@@ -167,10 +167,10 @@ class Budget:
     max_value: int
     target: int
     closed_form: int
-    extra: dict[str, int] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def values(self) -> dict[str, int]:
+    def values(self) -> dict[str, Any]:
         return {self.knob: self.value, **self.extra}
 
     @property
@@ -197,7 +197,7 @@ def _method_settings(method: str, value: int, steps: int, lr: float) -> dict[str
 LR_SCALE = {"vera": 30.0}  # the VeRA chapter's vector LR, 3e-2 against LoRA's 1e-3
 
 
-def make_config(cls: type[AdapterConfig], values: dict[str, int] | int, targets: list[str] | str, steps: int = 1,
+def make_config(cls: type[AdapterConfig], values: dict[str, Any] | int, targets: list[str] | str, steps: int = 1,
                 lr: float = 1e-3) -> AdapterConfig:
     """``cls`` with its size settings at ``values`` (a bare int: the knob); ``lora_alpha = 2 × knob`` where the
     method has one (the reference's α = 2r, a scale of 2 for LoRA)."""

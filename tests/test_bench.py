@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lorafam_nb import LoraConfig, count_parameters, get_adapter_model
-from lorafam_nb.bench import _measure, method_config, ratios, run_benchmark, setups
+from lorafam_nb.bench import measure, method_config, ratios, run_benchmark, setups
 from lorafam_nb.core import import_methods
 from lorafam_nb.models import MODELS
 
@@ -32,7 +32,7 @@ def test_measure_times_the_requested_steps_and_counts_training_state(bert):
              "labels": torch.tensor([0, 1, 0, 1])}
     model = get_adapter_model(bert, LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"],
                                                modules_to_save=["classifier"]))
-    result = _measure("lora", model, batch, steps=3, device=torch.device("cpu"))
+    result = measure("lora", model, batch, steps=3, device=torch.device("cpu"))
     trainable = count_parameters(model)[0]
     assert result.trainable == trainable and result.seconds_per_step > 0
     # Training state is at least gradients + two AdamW moments of every trainable float32 parameter.

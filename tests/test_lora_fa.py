@@ -9,7 +9,7 @@ from torch import nn
 
 from conftest import assert_peft_parity, peft_pair, peft_tensor, tiny_bert, toy_task
 from lorafam_nb import LoraConfig, LoRALinear, get_adapter_model, load_peft, save_peft
-from lorafam_nb.bench import _SavedTensorMeter
+from lorafam_nb.bench import SavedTensorMeter
 from lorafam_nb.core import AdapterConfig, AdapterModel
 from lorafam_nb.lora_fa import LoraFAConfig, LoRAFALinear, matching_rank
 from lorafam_nb.trainer import TrainConfig, Trainer
@@ -102,7 +102,7 @@ def test_unfused_paths_keep_neither_x_nor_dropped_x():
 
 
 def _meter_bytes(model: nn.Module, batch: dict[str, torch.Tensor]) -> int:
-    meter = _SavedTensorMeter(model)
+    meter = SavedTensorMeter(model)
     with torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda t: t):
         loss = model(**batch).loss
     loss.backward()

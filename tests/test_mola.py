@@ -75,8 +75,10 @@ def test_top_k_equal_to_experts_is_the_dense_softmax_mixture():
 
 
 def test_sparse_path_equals_dense_path_forward_and_grads():
-    cfg = MoLAConfig(r=4, num_experts=4, top_k=2, lora_dropout=0.0, target_modules=SIX, modules_to_save=HEAD)
+    cfg = MoLAConfig(r=4, num_experts=4, top_k=2, lora_dropout=0.0, target_modules=SIX, modules_to_save=HEAD,
+                     path="sparse")
     sparse = get_adapter_model(tiny_bert(), cfg).eval()
+    assert all(layer.path == "sparse" for layer in sparse.adapter_layers().values())
     _randomise_b(sparse)
     dense = copy.deepcopy(sparse)
     for layer in dense.adapter_layers().values():

@@ -59,8 +59,9 @@ def test_layer_equals_top_k_equation(k):
 
 def test_init_equals_base_and_sparse_equals_dense():
     base = tiny_bert()
-    cfg = MoRALConfig(target_modules=SIX, modules_to_save=HEAD)
+    cfg = MoRALConfig(target_modules=SIX, modules_to_save=HEAD, path="sparse")
     model = get_adapter_model(copy.deepcopy(base), cfg).eval()
+    assert all(layer.path == "sparse" for layer in model.adapter_layers().values())
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=X, attention_mask=MASK).logits,
                                    base(input_ids=X, attention_mask=MASK).logits, atol=0, rtol=0)

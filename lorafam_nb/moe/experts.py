@@ -84,11 +84,16 @@ class LoRAExperts(nn.Module):
         return self.scaling * self.lora_B[e] @ self.lora_A[e]
 
     def dense(self, x: Tensor, gates: Tensor) -> Tensor:
-        """``Σ_e g_te · s B_e A_e x_t`` for (T, d_in) tokens and (T, E) gates -> (T, d_out)."""
+        """``Σ_e g_te · s B_e A_e x_t`` for (T, d_in) tokens and (T, E) gates -> (T, d_out).
+
+        Gates of shape (T, k, E) give k weightings of each token's experts, (T, k, d_out), for the price of
+        one projection of x onto every expert's A (MixLoRA's k expert rows per token, one-hot gates).
+        """
         E, r = self.num_experts, self.r
         z = x @ self.lora_A.reshape(E * r, -1).t()  # (T, E·r): every expert's r coordinates
-        z = (z.view(-1, E, r) * gates.to(z.dtype)[..., None]).view(-1, E * r)
-        return (z @ self.lora_B.permute(0, 2, 1).reshape(E * r, -1)) * self.scaling
+        z = z.view(x.shape[0], *[1] * (gates.dim() - 2), E, r) * gates.to(z.dtype)[..., None]
+        out = z.reshape(-1, E * r) @ self.lora_B.permute(0, 2, 1).reshape(E * r, -1)
+        return out.view(*gates.shape[:-1], -1) * self.scaling
 
     def grouped(self, x: Tensor) -> Tensor:
         """Each expert on its own group: (E, C, d_in) -> (E, C, d_out), ``s · x A_eᵀ B_eᵀ`` per group."""

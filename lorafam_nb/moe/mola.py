@@ -19,15 +19,16 @@ asks where a fixed total of experts is best spent. For each adapted linear t of 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..core import MethodCard, Route, Site, block_index, register_method
+from ..core import BUDGET_TOLERANCE, MethodCard, Route, Site, block_index, register_method
 from .layers import TopKLinearConfig
 from .losses import pooled_load_balance
 
-__all__ = ["SCHEMES", "MoLAConfig", "allocation"]
+__all__ = ["SCHEMES", "MoLAConfig", "allocation", "spread"]
 
 # Experts per block of layers, the model's blocks split into len(scheme) equal groups.
 SCHEMES: dict[str, tuple[int, ...]] = {
@@ -42,6 +43,13 @@ def allocation(scheme: tuple[int, ...] | str, num_layers: int) -> list[int]:
     if num_layers % len(counts):
         raise ValueError(f"{num_layers} layers cannot be split into {len(counts)} equal groups")
     return [n for n in counts for _ in range(num_layers // len(counts))]
+
+
+def spread(total: int, num_layers: int) -> list[int]:
+    """``total`` experts over ``num_layers`` layers as evenly as integers allow, the extra ones in the
+    highest layers (MoLA's finding: higher layers use more experts)."""
+    base, extra = divmod(total, num_layers)
+    return [base + (j >= num_layers - extra) for j in range(num_layers)]
 
 
 @register_method
@@ -71,6 +79,24 @@ class MoLAConfig(TopKLinearConfig):
 
     def expert_counts(self) -> list[int]:
         return self.experts_per_layer or [self.num_experts]
+
+    @classmethod
+    def budget_candidates(cls, sites: list[Site]) -> list[dict[str, Any]]:
+        """Expert rank r with a *total* of experts spread over the layers (:func:`spread`): MoLA's own knob,
+        and fine enough to match a budget, where one count for every layer moves in steps of a whole
+        expert per linear."""
+        layers = len({s.block for s in sites})
+        least = cls.__dataclass_fields__["top_k"].default
+        return [{"r": r, "experts_per_layer": spread(total, layers)}
+                for r in range(1, 17) for total in range(least * layers, 16 * layers + 1)]
+
+    @classmethod
+    def budget_order(cls, values: dict[str, Any], count: int, target: int) -> tuple[float, ...]:
+        """Matched first, and among those the mean expert count nearest the default; then the nearest count."""
+        unmatched = abs(count / target - 1) > BUDGET_TOLERANCE
+        mean = sum(values["experts_per_layer"]) / len(values["experts_per_layer"])
+        return (unmatched, 0 if unmatched else abs(mean - cls.__dataclass_fields__["num_experts"].default),
+                abs(count - target), -values["r"])
 
     def experts_at(self, site: Site) -> int:
         if not self.experts_per_layer:
