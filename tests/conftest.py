@@ -115,3 +115,29 @@ def gradient_receivers(model: AdapterModel, x: torch.Tensor) -> set[str]:
     got = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert got == {n for n, p in model.named_parameters() if p.requires_grad}
     return got
+
+
+def mixture_layer(config: AdapterConfig, d_in: int = 12, d_out: int = 10):
+    """``config``'s layer on one float64 linear with random non-zero expert B (for checks against the
+    dense equation): a mixture on single linears (LoRAMoE, MoLA, MoRAL)."""
+    from lorafam_nb.core import AdapterScope, site_of
+
+    torch.manual_seed(0)
+    host = nn.Sequential(nn.Linear(d_in, d_out)).double().requires_grad_(False)
+    layer = config.build_layer(site_of(host, "0"), AdapterScope()).double()
+    with torch.no_grad():
+        layer.experts.lora_B.normal_(0, 0.5)
+    return layer
+
+
+def assert_mixture_gradients(model: AdapterModel, **inputs: Any) -> None:
+    """One backward of the task loss plus the auxiliary losses reaches exactly what a mixture on single
+    linears trains: every layer's router and experts, and the classifier head; nothing else."""
+    out = model(**inputs)
+    (out.loss + model.aux_loss()).backward()
+    got = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    expected = {f"model.{site}.{t}" for site in model.adapter_layers()
+                for t in ("router.weight", "experts.lora_A", "experts.lora_B")}
+    expected |= {n for n in trainable if ".classifier." in n}
+    assert got == trainable == expected

@@ -13,11 +13,9 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
 
-from conftest import tiny_bert, toy_task
+from conftest import assert_mixture_gradients, mixture_layer, tiny_bert, toy_task
 from lorafam_nb import get_adapter_model
-from lorafam_nb.core import AdapterScope, site_of
 from lorafam_nb.moe.layers import MoELoRALinear
 from lorafam_nb.moe.loramoe import LoraMoEConfig, expert_types
 from lorafam_nb.trainer import TrainConfig, Trainer
@@ -28,15 +26,6 @@ MASK[1, 6:] = 0
 MASK[3, 4:] = 0
 HEAD = ["classifier"]
 SIX = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
-
-
-def _layer(cfg: LoraMoEConfig, d_in: int = 12, d_out: int = 10) -> MoELoRALinear:
-    torch.manual_seed(0)
-    host = nn.Sequential(nn.Linear(d_in, d_out)).double().requires_grad_(False)
-    layer = cfg.build_layer(site_of(host, "0"), AdapterScope()).double()
-    with torch.no_grad():
-        layer.experts.lora_B.normal_(0, 0.5)
-    return layer
 
 
 def _adapted(cfg: LoraMoEConfig, seed: int = 0):
@@ -55,7 +44,7 @@ def _randomise_b(model, std: float = 0.3, seed: int = 1) -> None:
 @pytest.mark.parametrize("tau", [1.0, 2.5])
 def test_layer_equals_dense_equation(tau):
     cfg = LoraMoEConfig(r=3, lora_alpha=6.0, num_experts=4, temperature=tau, lora_dropout=0.0)
-    layer = _layer(cfg)
+    layer = mixture_layer(cfg)
     x = torch.randn(2, 5, 12, dtype=torch.float64)
     W0, b0 = layer.base_layer.weight, layer.base_layer.bias
     A, B, Wg = layer.experts.lora_A, layer.experts.lora_B, layer.router.weight.double()
@@ -181,14 +170,8 @@ def test_gradients_reach_exactly_experts_routers_head():
     cfg = LoraMoEConfig(num_experts=4, target_modules=SIX, modules_to_save=HEAD)
     _, model = _adapted(cfg)
     _randomise_b(model)
-    out = model(input_ids=X, attention_mask=MASK, labels=torch.tensor([0, 1, 0, 1]), task_types=torch.tensor([0, 1, 0, 1]))
-    (out.loss + model.aux_loss()).backward()
-    got = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    expected = {f"model.{site}.{t}" for site in model.adapter_layers()
-                for t in ("router.weight", "experts.lora_A", "experts.lora_B")}
-    expected |= {n for n in trainable if ".classifier." in n}
-    assert got == trainable == expected
+    assert_mixture_gradients(model, input_ids=X, attention_mask=MASK, labels=torch.tensor([0, 1, 0, 1]),
+                             task_types=torch.tensor([0, 1, 0, 1]))
 
 
 def test_router_gets_gradient_from_balance_loss_alone():

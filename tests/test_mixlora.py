@@ -20,7 +20,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from conftest import tiny_bert
 from lorafam_nb import get_adapter_model
 from lorafam_nb.core import AdapterContext, AdapterModel, count_parameters
-from lorafam_nb.lora import LoRALinear
 from lorafam_nb.models import FeedForward
 from lorafam_nb.moe.mixlora import MixLoraConfig, MixLoRAFFN, load_mixlora, mixlora_config, save_mixlora
 

@@ -11,11 +11,10 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
-from conftest import tiny_bert
+from conftest import assert_mixture_gradients, mixture_layer, tiny_bert
 from lorafam_nb import get_adapter_model
-from lorafam_nb.core import AdapterScope, block_index, site_of
+from lorafam_nb.core import block_index
 from lorafam_nb.models import load_model
 from lorafam_nb.moe.layers import MoELoRALinear
 from lorafam_nb.moe.mola import SCHEMES, MoLAConfig, allocation
@@ -27,15 +26,6 @@ MASK[1, 6:] = 0
 MASK[2, 3:] = 0
 HEAD = ["classifier"]
 SIX = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
-
-
-def _layer(cfg: MoLAConfig, d_in: int = 12, d_out: int = 10) -> MoELoRALinear:
-    torch.manual_seed(0)
-    host = nn.Sequential(nn.Linear(d_in, d_out)).double().requires_grad_(False)
-    layer = cfg.build_layer(site_of(host, "0"), AdapterScope()).double()
-    with torch.no_grad():
-        layer.experts.lora_B.normal_(0, 0.5)
-    return layer
 
 
 def _randomise_b(model, std: float = 0.3, seed: int = 1) -> None:
@@ -60,13 +50,13 @@ def _dense_reference(layer: MoELoRALinear, x: torch.Tensor, k: int) -> torch.Ten
 @pytest.mark.parametrize("path", ["sparse", "dense"])
 def test_layer_equals_top_k_equation(path):
     cfg = MoLAConfig(r=3, lora_alpha=6.0, num_experts=5, top_k=2, lora_dropout=0.0, path=path)
-    layer = _layer(cfg)
+    layer = mixture_layer(cfg)
     x = torch.randn(2, 7, 12, dtype=torch.float64)
     torch.testing.assert_close(layer(x), _dense_reference(layer, x, 2), atol=1e-6, rtol=1e-6)
 
 
 def test_top_k_equal_to_experts_is_the_dense_softmax_mixture():
-    layer = _layer(MoLAConfig(r=2, lora_alpha=4.0, num_experts=3, top_k=3, lora_dropout=0.0))
+    layer = mixture_layer(MoLAConfig(r=2, lora_alpha=4.0, num_experts=3, top_k=3, lora_dropout=0.0))
     x = torch.randn(11, 12, dtype=torch.float64)
     p = torch.softmax(x @ layer.router.weight.double().T, -1)
     mix = sum(p[:, i:i + 1] * (x @ layer.experts.lora_A[i].T @ layer.experts.lora_B[i].T) for i in range(3))
@@ -210,14 +200,7 @@ def test_gradients_reach_exactly_experts_routers_head():
     cfg = MoLAConfig(experts_per_layer=[2, 4], target_modules=SIX, modules_to_save=HEAD)
     model = get_adapter_model(tiny_bert(), cfg)
     _randomise_b(model)
-    out = model(input_ids=X, attention_mask=MASK, labels=torch.tensor([0, 1, 0, 1]))
-    (out.loss + model.aux_loss()).backward()
-    got = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    expected = {f"model.{site}.{t}" for site in model.adapter_layers()
-                for t in ("router.weight", "experts.lora_A", "experts.lora_B")}
-    expected |= {n for n in trainable if ".classifier." in n}
-    assert got == trainable == expected
+    assert_mixture_gradients(model, input_ids=X, attention_mask=MASK, labels=torch.tensor([0, 1, 0, 1]))
 
 
 def test_merge_raises_and_changes_nothing():

@@ -9,13 +9,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from torch import nn
 
-from conftest import tiny_bert
+from conftest import assert_mixture_gradients, mixture_layer, tiny_bert
 from lorafam_nb import get_adapter_model
-from lorafam_nb.core import AdapterScope, site_of
 from lorafam_nb.experiment import RunSpec, encode_task, run
-from lorafam_nb.moe.layers import MoELoRALinear
 from lorafam_nb.moe.moral import LifelongResult, MoRALConfig, backward_transfer, lifelong
 from lorafam_nb.tasks import evaluate
 from lorafam_nb.trainer import TrainConfig
@@ -27,15 +24,6 @@ HEAD = ["classifier"]
 SIX = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 
 
-def _layer(cfg: MoRALConfig) -> MoELoRALinear:
-    torch.manual_seed(0)
-    host = nn.Sequential(nn.Linear(12, 10)).double().requires_grad_(False)
-    layer = cfg.build_layer(site_of(host, "0"), AdapterScope()).double()
-    with torch.no_grad():
-        layer.experts.lora_B.normal_(0, 0.5)
-    return layer
-
-
 def _randomise_b(model, std: float = 0.3) -> None:
     torch.manual_seed(1)
     with torch.no_grad():
@@ -45,7 +33,7 @@ def _randomise_b(model, std: float = 0.3) -> None:
 
 @pytest.mark.parametrize("k", [1, 2, 4])
 def test_layer_equals_top_k_equation(k):
-    layer = _layer(MoRALConfig(r=2, lora_alpha=8.0, num_experts=4, top_k=k))
+    layer = mixture_layer(MoRALConfig(r=2, lora_alpha=8.0, num_experts=4, top_k=k))
     x = torch.randn(13, 12, dtype=torch.float64)
     p = torch.softmax(x @ layer.router.weight.double().T, -1)
     top, idx = p.topk(k, -1)
@@ -99,13 +87,7 @@ def test_aux_loss_is_switch_balance_over_all_linears():
 def test_gradients_and_merge():
     model = get_adapter_model(tiny_bert(), MoRALConfig(target_modules=SIX, modules_to_save=HEAD))
     _randomise_b(model)
-    out = model(input_ids=X, attention_mask=MASK, labels=torch.tensor([0, 1, 0, 1]))
-    (out.loss + model.aux_loss()).backward()
-    got = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
-    expected = {f"model.{s}.{t}" for s in model.adapter_layers() for t in ("router.weight", "experts.lora_A",
-                                                                          "experts.lora_B")}
-    expected |= {n for n, p in model.named_parameters() if p.requires_grad and ".classifier." in n}
-    assert got == {n for n, p in model.named_parameters() if p.requires_grad} == expected
+    assert_mixture_gradients(model, input_ids=X, attention_mask=MASK, labels=torch.tensor([0, 1, 0, 1]))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="cannot be merged"):
         model.merge()
