@@ -24,6 +24,7 @@ import datasets
 import numpy as np
 
 __all__ = [
+    "BOOK_TASKS",
     "COMMONSENSE_TASKS",
     "GLUE_TASKS",
     "DataFormatError",
@@ -35,6 +36,9 @@ __all__ = [
 
 COMMONSENSE_TASKS: tuple[str, ...] = ("arc_e", "arc_c", "boolq", "obqa", "piqa")
 GLUE_TASKS: tuple[str, ...] = ("sst2", "cola", "rte", "mrpc", "stsb")
+# The same BoolQ question-answer pairs with and without their passage (open-book and closed-book), from the
+# one BoolQ file that has passages (dev), split 2:1 into train and test: every third item is a test item.
+BOOK_TASKS: tuple[str, ...] = ("boolq_open", "boolq_closed")
 
 _DATA_DIR = Path(__file__).parent / "_data"
 
@@ -235,6 +239,24 @@ def _boolq_row(obj: Any) -> _Row:
     return _mc_row(match["question"], list(_BOOLQ_CHOICES), _BOOLQ_CHOICES, _get(obj, "answer", str))
 
 
+def _boolq_passage_row(obj: Any, open_book: bool) -> _Row:
+    """An original BoolQ item: the question (with a "?", as in LLM-Adapters' copy), after its passage when
+    ``open_book``."""
+    question = _get(obj, "question", str) + "?"
+    if open_book:
+        question = f"{_get(obj, 'passage', str)}\n{question}"
+    answer = "true" if _get(obj, "answer", bool) else "false"
+    return _mc_row(question, list(_BOOLQ_CHOICES), _BOOLQ_CHOICES, answer)
+
+
+def _parse_boolq_passages(path: Path, open_book: bool) -> list[_Row]:
+    return _read_jsonl(path, functools.partial(_boolq_passage_row, open_book=open_book))
+
+
+def _every_third_is_test(rows: list[_Row], split: str) -> list[_Row]:
+    return [row for i, row in enumerate(rows) if (i % 3 == 2) == (split == "test")]
+
+
 def _parse_arc(path: Path) -> list[_Row]:
     return _read_jsonl(path, _arc_row)
 
@@ -340,6 +362,8 @@ class _Task:
     info: TaskInfo
     files: Mapping[str, tuple[str, ...]]  # split -> data files under _data (without ".xz")
     parse: Callable[..., list[_Row]]  # called with the split's files, in that order
+    # For splits cut out of one file: (all parsed rows, split) -> that split's rows.
+    part: Callable[[list[_Row], str], list[_Row]] | None = None
 
 
 def _mc_info(name: str, title: str, num_labels: int, splits: tuple[str, ...]) -> TaskInfo:
@@ -385,6 +409,15 @@ _TASKS: dict[str, _Task] = {
         },
         _parse_piqa,
     ),
+    **{
+        name: _Task(
+            _mc_info(name, title, 2, _TRAIN_TEST),
+            dict.fromkeys(_TRAIN_TEST, ("commonsense/boolq/validation.jsonl",)),
+            functools.partial(_parse_boolq_passages, open_book=name == "boolq_open"),
+            _every_third_is_test,
+        )
+        for name, title in (("boolq_open", "BoolQ open-book"), ("boolq_closed", "BoolQ closed-book"))
+    },
     "sst2": _Task(
         _glue_info("sst2", "SST-2", ("sentence",), ("negative", "positive")),
         _glue_files("SST-2"),
@@ -445,6 +478,8 @@ def _rows(task: str, split: str) -> tuple[_Row, ...]:
     """Parsed rows of one split, cached because decompressing and parsing dominates load time."""
     spec = _TASKS[task]
     rows = spec.parse(*(_DATA_DIR / f"{rel}.xz" for rel in spec.files[split]))
+    if spec.part is not None:
+        rows = spec.part(rows, split)
     if spec.info.kind == "multiple_choice":
         # The task column lets the five commonsense sets be mixed into one training set.
         rows = [{**row, "task": task} for row in rows]
@@ -555,6 +590,9 @@ _VENDORED: dict[str, _Origin] = {
         for split in _TRAIN_TEST
     },
     "commonsense/llm_adapters/DATA_LICENSE": _Origin(_LLM_ADAPTERS, "DATA_LICENSE", "ODC-By 1.0 (the licence text)"),
+    "commonsense/boolq/validation.jsonl": _Origin(
+        "d-eremeev/BoolQ-Question-Answering@72c347852e309ad087cf9f57517b769712a7a2a4",
+        "data/dev.jsonl (the original BoolQ dev file, with passages)", "CC BY-SA 3.0"),
     **{
         f"glue/{folder}/{split}.tsv": _Origin(_GLUE, f"glue_data/{folder}/{split}.tsv", licence)
         for folder, licence in _GLUE_LICENCES.items()

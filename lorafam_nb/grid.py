@@ -95,9 +95,9 @@ class Profile:
 
 
 PROFILES: dict[str, Profile] = {
-    # Pipeline check for CI (< 1 min): a few examples, LoRA and VeRA (matched and not), MiniLM only.
+    # Pipeline check for CI (< 1 min): a few examples, LoRA, VeRA (matched and not) and a mixture, MiniLM only.
     "smoke": Profile("smoke", {"minilm": ModelSettings(8, 16, 32, 8, 1e-3)},
-                     methods=("lora", "vera"), probe_steps=1, probe_n=8),
+                     methods=("lora", "vera", "mixlora"), probe_steps=1, probe_n=8),
     # The rendered book: every method on both embedded models, subsampled; 132 runs took 48.5 min on an idle
     # 2-core x86_64 machine (2026-12-02), the mix cells a third of it.
     "book": Profile("book", {"minilm": ModelSettings(128, 150, 48, 16, 1e-3),

@@ -62,6 +62,7 @@ SHIPPED = {
     "commonsense/llm_adapters/boolq/train.json",
     "commonsense/llm_adapters/boolq/test.json",
     "commonsense/llm_adapters/DATA_LICENSE",
+    "commonsense/boolq/validation.jsonl",
     *(f"glue/{t}/{s}.tsv" for t in ("CoLA", "SST-2", "MRPC", "RTE", "STS-B") for s in ("train", "dev")),
     "glue/STS-B/LICENSE.txt",
 }
@@ -307,6 +308,21 @@ def test_boolq_questions_match_original_dev_file(shared: Path) -> None:
     # LLM-Adapters appends "?" to every BoolQ question; order and answers are unchanged.
     assert ours["question"] == [row["question"] + "?" for row in original]
     assert ours["label"] == [0 if row["answer"] else 1 for row in original]
+
+
+def test_boolq_with_passages_splits_two_to_one_and_matches_the_question_only_copy() -> None:
+    """boolq_open and boolq_closed hold the same question-answer pairs (the original dev file, every third
+    item for test), with and without the passage; the questions and answers are LLM-Adapters' BoolQ test
+    items at the same positions."""
+    question_only = load_task("boolq", "test")
+    for split, positions, size in (("train", [i for i in range(3270) if i % 3 != 2], 2180),
+                                   ("test", list(range(2, 3270, 3)), 1090)):
+        closed, opened = load_task("boolq_closed", split), load_task("boolq_open", split)
+        assert len(closed) == len(opened) == size
+        assert closed["question"] == [question_only[i]["question"] for i in positions]
+        assert closed["label"] == opened["label"] == [question_only[i]["label"] for i in positions]
+        assert all(o.endswith("\n" + c) and len(o) > len(c) + 20 for o, c in zip(opened["question"], closed["question"]))
+        assert closed["choices"][0] == ["true", "false"] and set(closed["task"]) == {"boolq_closed"}
 
 
 def test_vendor_is_idempotent(shared: Path, tmp_path: Path) -> None:
