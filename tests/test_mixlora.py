@@ -21,7 +21,7 @@ from conftest import tiny_bert
 from lorafam_nb import get_adapter_model
 from lorafam_nb.core import AdapterContext, AdapterModel, count_parameters
 from lorafam_nb.models import FeedForward
-from lorafam_nb.moe.mixlora import MixLoraConfig, MixLoRAFFN, load_mixlora, mixlora_config, save_mixlora
+from lorafam_nb.moe.mixlora import MixLoraConfig, MixLoRAFFN, authors_model, load_mixlora, mixlora_config, save_mixlora
 
 E, K, R, ALPHA = 4, 2, 4, 8
 BERT_HEAD = ["pooler", "classifier"]
@@ -516,3 +516,22 @@ def test_save_refuses_what_the_format_cannot_hold(tmp_path):
     config = json.loads((tmp_path / "ok" / "adapter_config.json").read_text())
     assert config["lora_alpha"] == ALPHA and isinstance(config["lora_alpha"], int)
     assert isinstance(config["jitter_noise"], float) and math.isclose(config["router_aux_loss_coef"], 0.01)
+
+
+def test_parity_with_mixlora_package_on_smollm2_in_float64():
+    """In float64 both implementations are exact enough for an absolute 1e-5 on SmolLM2's logits (|logit| ≈ 70,
+    where float32 rounding alone reaches that): the same weights, their package computing in float64 too."""
+    pytest.importorskip("mixlora", reason="the authors' package: pip install --no-deps mixlora==0.2.3")
+    base = smollm2_two_layers().double()
+    torch.manual_seed(0)
+    ours = perturb(get_adapter_model(copy.deepcopy(base), mix_config()), router_std=0.2).eval()
+    assert all(l.router.weight.dtype == torch.float64 for l in ours.adapter_layers().values() if hasattr(l, "router"))
+    theirs = authors_model(ours, base, dtype=torch.float64)
+    ids, mask = padded_batch(base.config.vocab_size)
+    with torch.no_grad():
+        out = ours(input_ids=ids, attention_mask=mask).logits
+        ref = theirs(input_ids=ids, attention_mask=mask).logits
+        plain = base(input_ids=ids, attention_mask=mask).logits
+    assert out.dtype == ref.dtype == torch.float64
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    assert (out - plain).abs().max() > 1e-3

@@ -13,12 +13,11 @@ from typing import ClassVar
 
 from torch import Tensor, nn
 
-import torch
 
 from ..core import BUDGET_TOLERANCE, AdapterConfig, AdapterContext, AdapterLayer, AdapterScope, Route, Site
 from .experts import Dispatch, LoRAExperts
 from .losses import pooled_load_balance
-from .routers import DenseRouter, TopKRouter
+from .routers import DenseRouter, TopKRouter, router_dtype
 
 __all__ = ["MoELinearConfig", "MoELoRALinear", "TopKLinearConfig", "mixture_budget_candidates", "mixture_budget_order"]
 
@@ -161,7 +160,8 @@ class TopKLinearConfig(MoELinearConfig):
         return [self.num_experts]
 
     def router(self, site: Site, num_experts: int) -> TopKRouter:
-        return TopKRouter(site.d_in, num_experts, self.top_k, dtype=torch.float32, device=site.module.weight.device)
+        w = site.module.weight
+        return TopKRouter(site.d_in, num_experts, self.top_k, dtype=router_dtype(w.dtype), device=w.device)
 
     def aux_loss_weights(self) -> dict[str, float]:
         return {"load_balance": self.router_aux_loss_coef}

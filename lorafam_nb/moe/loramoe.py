@@ -28,7 +28,7 @@ from torch import Tensor
 from ..core import AdapterContext, MethodCard, Site, register_method
 from .layers import MoELinearConfig
 from .losses import localized_balance
-from .routers import DenseRouter
+from .routers import DenseRouter, router_dtype
 
 __all__ = ["LoraMoEConfig", "expert_types"]
 
@@ -88,8 +88,8 @@ class LoraMoEConfig(MoELinearConfig):
             raise ValueError(f"blc_alpha (δ) must be in [0, 1), got {self.blc_alpha}")
 
     def router(self, site: Site, num_experts: int) -> DenseRouter:
-        return DenseRouter(site.d_in, num_experts, self.temperature, dtype=torch.float32,
-                           device=site.module.weight.device)
+        w = site.module.weight
+        return DenseRouter(site.d_in, num_experts, self.temperature, dtype=router_dtype(w.dtype), device=w.device)
 
     def aux_loss_weights(self) -> dict[str, float]:
         return {"localized_balance": self.blc_weight}

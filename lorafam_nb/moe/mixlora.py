@@ -44,7 +44,7 @@ from ..models import FeedForward, ffn_blocks
 from .experts import LoRAExperts
 from .layers import PATHS, mixture_budget_candidates, mixture_budget_order
 from .losses import switch_load_balance
-from .routers import TopKRouter
+from .routers import TopKRouter, router_dtype
 
 __all__ = ["MixLoraConfig", "MixLoRAFFN", "authors_model", "load_mixlora", "mixlora_config", "save_mixlora"]
 
@@ -63,9 +63,9 @@ class MixLoRAFFN(AdapterLayer):
             raise ValueError(f"path must be one of {PATHS}, got {path!r}")
         w = base_layer.up.weight
         self.path = path
-        # The router stays in float32 whatever the model's dtype (the authors' code does the same).
+        # The router stays in (at least) float32 whatever the model's dtype, as in the authors' code.
         self.router = TopKRouter(base_layer.up.in_features, num_experts, top_k, jitter_noise,
-                                 init_std=router_init_range, dtype=torch.float32, device=w.device)
+                                 init_std=router_init_range, dtype=router_dtype(w.dtype), device=w.device)
         matrices = {"gate": base_layer.gate, "up": base_layer.up, "down": base_layer.down}
         self.experts = nn.ModuleDict({
             name: LoRAExperts(num_experts, r, m.in_features, m.out_features, scaling, dtype=w.dtype, device=w.device)
@@ -335,7 +335,8 @@ def _expected_shapes(config: MixLoraConfig, sites: list[Site]) -> dict[str, tupl
     return out
 
 
-def authors_model(adapted: AdapterModel, base: nn.Module, trainable: bool = False) -> nn.Module:
+def authors_model(adapted: AdapterModel, base: nn.Module, trainable: bool = False,
+                  dtype: torch.dtype = torch.float32) -> nn.Module:
     """The authors' ``mixlora`` package (0.2.3) model on a copy of ``base``, holding ``adapted``'s weights
     (passed through their on-disk format), for parity checks and timings.
 
@@ -344,7 +345,7 @@ def authors_model(adapted: AdapterModel, base: nn.Module, trainable: bool = Fals
     model (``mixlora_experts``); with ``trainable`` the routers are too (``mixlora_routers``), and every
     LoRA (experts and attention) and router requires gradients, the base frozen, so that an optimizer
     trains them and a training step can be timed against ours. The model comes back in training mode
-    when ``trainable``, else in eval mode.
+    when ``trainable``, else in eval mode. ``dtype`` is the precision their mixture computes in.
     """
     try:
         import mixlora
@@ -354,7 +355,7 @@ def authors_model(adapted: AdapterModel, base: nn.Module, trainable: bool = Fals
 
     with tempfile.TemporaryDirectory() as directory:
         save_mixlora(adapted, directory)
-        config, weights = mixlora.load_adapter_weights(directory, device=str(base.device))
+        config, weights = mixlora.load_adapter_weights(directory, device=str(base.device), dtype=dtype)
     model = copy.deepcopy(base)
     mixlora.inject_adapter_in_model(model, config, weights)
     moes = [moe for layer in model.model.layers for moe in layer.mlp.mixlora_moes.values()]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-__all__ = ["DenseRouter", "Routing", "TaskRouter", "TopKRouter", "top_k"]
+__all__ = ["DenseRouter", "Routing", "TaskRouter", "TopKRouter", "router_dtype", "top_k"]
 
 
 @dataclass
@@ -21,6 +21,12 @@ class Routing:
     probs: Tensor  # (T, E), softmax over all E experts, in float32 or wider
     weights: Tensor  # (T, k) for top-k (renormalised over the k), (T, E) for a dense mixture
     selected: Tensor | None  # (T, k) expert indices, or None (dense: every expert)
+
+
+def router_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """A router's parameter dtype for a model in ``weight_dtype``: at least float32 (bf16/fp16 models keep
+    their routers in float32, as the authors' code does), float64 for a float64 model."""
+    return torch.promote_types(weight_dtype, torch.float32)
 
 
 def softmax(logits: Tensor) -> Tensor:
