@@ -154,7 +154,6 @@ class RoutingRecorder:
 
     def __init__(self) -> None:
         self.layers: dict[str, LayerRouting] = {}
-        self.enabled = True
 
     def reset(self) -> None:
         self.layers = {}
@@ -163,8 +162,6 @@ class RoutingRecorder:
     def record(self, layer: str, probs: Tensor, selected: Tensor | None = None, dropped: int = 0) -> None:
         """``probs``: (T, E) router probabilities of the T (non-padding) tokens; ``selected``: (T, k)
         expert indices each token was routed to (None for a dense mixture: every expert, weighted)."""
-        if not self.enabled:
-            return
         probs = probs.detach().float()
         n_experts = probs.shape[-1]
         stats = self.layers.get(layer)

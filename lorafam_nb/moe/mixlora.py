@@ -43,7 +43,7 @@ from ..lora import LoRALinear
 from ..models import FeedForward, ffn_blocks
 from .experts import LoRAExperts
 from .layers import PATHS, mixture_budget_candidates, mixture_budget_order
-from .losses import switch_load_balance
+from .losses import pooled_load_balance
 from .routers import TopKRouter, router_dtype
 
 __all__ = ["MixLoraConfig", "MixLoRAFFN", "authors_model", "load_mixlora", "mixlora_config", "save_mixlora"]
@@ -197,12 +197,8 @@ class MixLoraConfig(AdapterConfig):
 
     def aux_loss_terms(self, context: AdapterContext) -> dict[str, Tensor]:
         """One load-balance term over the routing of every layer, concatenated (not a per-layer sum)."""
-        routes = [r for r in context.routes if r.selected is not None and r.probs.shape[0]]
-        if not routes:
-            return {}
-        probs = torch.cat([r.probs for r in routes])
-        selected = torch.cat([r.selected for r in routes])
-        return {"load_balance": switch_load_balance(probs, selected)}
+        routes = [r for r in context.routes if r.probs.shape[0]]
+        return {"load_balance": pooled_load_balance(routes)} if routes else {}
 
 
 # --- the authors' on-disk format (the `mixlora` package: adapter_config.json + adapter_model.bin) -------

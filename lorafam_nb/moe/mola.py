@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..core import BUDGET_TOLERANCE, MethodCard, Route, Site, block_index, register_method
-from .layers import TopKLinearConfig
+from ..core import MethodCard, Route, Site, block_index, register_method
+from .layers import TopKLinearConfig, mixture_budget_order
 from .losses import pooled_load_balance
 
 __all__ = ["SCHEMES", "MoLAConfig", "allocation", "spread"]
@@ -92,11 +92,9 @@ class MoLAConfig(TopKLinearConfig):
 
     @classmethod
     def budget_order(cls, values: dict[str, Any], count: int, target: int) -> tuple[float, ...]:
-        """Matched first, and among those the mean expert count nearest the default; then the nearest count."""
-        unmatched = abs(count / target - 1) > BUDGET_TOLERANCE
-        mean = sum(values["experts_per_layer"]) / len(values["experts_per_layer"])
-        return (unmatched, 0 if unmatched else abs(mean - cls.__dataclass_fields__["num_experts"].default),
-                abs(count - target), -values["r"])
+        """A mixture's order (:func:`~lorafam_nb.moe.layers.mixture_budget_order`) with the mean expert count."""
+        counts = values["experts_per_layer"]
+        return mixture_budget_order(cls, {"r": values["r"], "num_experts": sum(counts) / len(counts)}, count, target)
 
     def experts_at(self, site: Site) -> int:
         if not self.experts_per_layer:
