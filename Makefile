@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 PROFILE ?= book
 CHAPTERS := $(wildcard notebooks/*.ipynb)
 
-.PHONY: book test install clean smoke-outputs
+.PHONY: book test install clean smoke-outputs vendor-data
 
 install: $(STAMP)
 
@@ -42,3 +42,8 @@ smoke-outputs: $(STAMP)
 	for nb in $(CHAPTERS); do \
 	  LORAFAM_PROFILE=smoke $(PY) -m papermill --log-level WARNING "$$nb" "$$nb" || exit 1; \
 	done
+
+# Maintainers: refresh lorafam_nb/_data from the upstream files (SHARED_DATA: a checkout of shared/data).
+SHARED_DATA ?= ../shared/data
+vendor-data: $(STAMP)
+	$(PY) tests/vendor_data.py $(SHARED_DATA)

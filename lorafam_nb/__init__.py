@@ -40,7 +40,7 @@ from .lora import LoraConfig, LoRALinear
 
 __version__ = "0.1.0"
 
-_LAZY = {"data", "models", "tasks", "trainer", "bench", "notebook", "experiment", "moe",
+_LAZY = {"data", "models", "tasks", "trainer", "bench", "notebook", "experiment", "multitask", "moe",
          *(m for m in METHOD_MODULES if "." not in m)}
 _LAZY_NAMES = {"Trainer": "trainer", "TrainConfig": "trainer", "Callback": "trainer", "load_task": "data",
                "load_model": "models", "load_tokenizer": "models", "encode": "tasks", "evaluate": "tasks",
@@ -49,7 +49,10 @@ _LAZY_NAMES = {"Trainer": "trainer", "TrainConfig": "trainer", "Callback": "trai
                "LoraFAConfig": "lora_fa", "LoraDropConfig": "lora_drop", "AdaLoraConfig": "adalora",
                "DoraConfig": "dora", "DeltaLoraConfig": "delta_lora", "PLoraConfig": "plora",
                "QLoraConfig": "qlora", "MixLoraConfig": "moe.mixlora", "LoraMoEConfig": "moe.loramoe",
-               "MoLAConfig": "moe.mola", "MoRALConfig": "moe.moral"}
+               "MoLAConfig": "moe.mola", "MoRALConfig": "moe.moral", "MoELoRAConfig": "moe.moelora_cl",
+               "MOELoRAConfig": "moe.moelora_mt", "MoAConfig": "moe.moa", "PESCConfig": "moe.pesc",
+               "AdaMixConfig": "moe.adamix", "PolytroponConfig": "moe.polytropon", "SiRAConfig": "moe.sira",
+               "MoLEConfig": "moe.mole"}
 
 
 def __getattr__(name: str) -> Any:

@@ -299,6 +299,7 @@ class AdaLoraConfig(AdapterConfig):
     total_step: int | None = None
 
     method = "adalora"
+    peft_type = "ADALORA"  # peft_keys: peft's tensor names are ours (lora_A, lora_E, lora_B)
     budget_knob = "init_r"  # the count num_parameters gives is the starting one, set by init_r
     card = MethodCard(
         title="AdaLoRA", paper="Zhang et al., ICLR 2023", arxiv="2303.10512", date="2023-03",
@@ -308,6 +309,12 @@ class AdaLoraConfig(AdapterConfig):
         params=r"r_{init}(d_{in}+d_{out}+1)", chapter="adalora", bibkey="zhang2023adalora",
         params_note=r"at the start; after pruning $r_k(d_{in}+d_{out}+1)$ for matrix $k$",
     )
+
+    @classmethod
+    def run_settings(cls, knob: int, steps: int, lr: float) -> dict[str, Any]:
+        """The paper's schedule assumes thousands of steps: warm-up a tenth of the run, final fine-tuning a
+        fifth, and the final budget two thirds of the initial rank (its 12 → 8)."""
+        return {"target_r": max(1, round(2 * knob / 3)), "tinit": steps // 10, "tfinal": steps // 5}
 
     def __post_init__(self) -> None:
         if not isinstance(self.init_r, int) or self.init_r <= 0:
@@ -339,3 +346,70 @@ class AdaLoraConfig(AdapterConfig):
     def num_parameters(self, d_in: int, d_out: int) -> int:
         """Trainable parameters one d_out × d_in linear starts with: init_r (d_in + d_out + 1)."""
         return self.init_r * (d_in + d_out + 1)
+
+    # --- peft interchange -------------------------------------------------------------------------
+    # peft keeps no mask tensor: after an allocation its config holds ``rank_pattern`` (per matrix, one
+    # bool per triplet, keyed "<module>.lora_E") and its file only the kept triplets. Its scale is
+    # α / (r + 1e-5) with r the initial rank, ours α / r: a relative 1e-5 / r apart.
+
+    def to_peft(self, target_modules: list[str]) -> dict[str, Any]:
+        if self.orth_reg_form != "peft":
+            raise ValueError("peft's AdaLoRA has only its own orthogonality regulariser (orth_reg_form='peft'); "
+                             f"this adapter trains with {self.orth_reg_form!r}")
+        return {
+            "peft_type": self.peft_type, "init_r": self.init_r, "target_r": self.target_r,
+            "lora_alpha": self.lora_alpha, "lora_dropout": self.lora_dropout, "tinit": self.tinit,
+            "tfinal": self.tfinal, "deltaT": self.deltaT, "beta1": self.beta1, "beta2": self.beta2,
+            "orth_reg_weight": self.orth_reg_weight,
+            # peft needs T > tinit + tfinal even for inference; left to the trainer, the smallest valid T.
+            "total_step": self.total_step or self.tinit + self.tfinal + 1,
+            "target_modules": target_modules, "modules_to_save": self.modules_to_save or None, "bias": "none",
+            "fan_in_fan_out": False, "init_lora_weights": True, "rank_pattern": None,
+        }
+
+    @classmethod
+    def peft_matches(cls, peft_config: dict[str, Any]) -> bool:
+        return (super().peft_matches(peft_config) and peft_config.get("bias", "none") == "none"
+                and not peft_config.get("fan_in_fan_out") and peft_config.get("layers_to_transform") is None)
+
+    @classmethod
+    def from_peft(cls, peft_config: dict[str, Any]) -> AdaLoraConfig:
+        if peft_config.get("alpha_pattern"):
+            raise ValueError("peft's alpha_pattern (a per-module α) is not supported by AdaLoraConfig")
+        names = ("init_r", "target_r", "lora_alpha", "lora_dropout", "tinit", "tfinal", "deltaT", "beta1", "beta2",
+                 "orth_reg_weight", "total_step")
+        return cls(**{k: peft_config[k] for k in names if k in peft_config},
+                   target_modules=peft_config["target_modules"],
+                   modules_to_save=list(peft_config.get("modules_to_save") or []))
+
+    def peft_state(self, state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Drop the masks; when some triplets are masked, keep only the kept ones and state the pattern."""
+        masks = {k[: -len(".rank_mask")]: m.bool() for k, m in state.items() if k.endswith(".rank_mask")}
+        out = {k: v for k, v in state.items() if not k.endswith(".rank_mask")}
+        if all(bool(m.all()) for m in masks.values()):
+            return out, {}
+        for layer, m in masks.items():
+            out[f"{layer}.lora_A"], out[f"{layer}.lora_E"] = out[f"{layer}.lora_A"][m], out[f"{layer}.lora_E"][m]
+            out[f"{layer}.lora_B"] = out[f"{layer}.lora_B"][:, m]
+        return out, {"rank_pattern": {f"{layer}.lora_E": m.tolist() for layer, m in masks.items()}}
+
+    def state_from_peft(self, state: dict[str, Tensor], peft_config: dict[str, Any]) -> dict[str, Tensor]:
+        """Put the kept triplets back at their places (masked ones zero) and rebuild every mask."""
+        pattern = peft_config.get("rank_pattern") or {}
+        out = dict(state)
+        layers = {k[: -len(".lora_E")] for k in state if k.endswith(".lora_E") and not k.startswith("adapter_scope.")}
+        unknown = sorted(set(pattern) - {f"{layer}.lora_E" for layer in layers})
+        if unknown:
+            raise ValueError(f"rank_pattern names matrices this adapter does not have: {unknown[:3]}")
+        for layer in layers:
+            mask = torch.tensor(pattern.get(f"{layer}.lora_E", [True] * self.init_r), dtype=torch.bool)
+            if mask.numel() != self.init_r or int(mask.sum()) != state[f"{layer}.lora_E"].shape[0]:
+                raise ValueError(f"{layer}: rank_pattern keeps {int(mask.sum())} of {mask.numel()} triplets, the "
+                                 f"file holds {state[f'{layer}.lora_E'].shape[0]} (init_r={self.init_r})")
+            for name, dim in (("lora_A", 0), ("lora_E", 0), ("lora_B", 1)):
+                kept = state[f"{layer}.{name}"]
+                full = kept.new_zeros(kept.shape[:dim] + (self.init_r,) + kept.shape[dim + 1:])
+                full.index_copy_(dim, mask.nonzero().squeeze(1), kept)
+                out[f"{layer}.{name}"] = full
+            out[f"{layer}.rank_mask"] = mask
+        return out

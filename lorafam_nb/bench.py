@@ -6,11 +6,10 @@ Measures, in one process and on the same inputs, real optimizer steps of the pac
 * ``frozen``  — only the task head trains, but gradients are forced back through the whole frozen
   network to the input embeddings: the floor any adapter that back-propagates through it must pay;
 * ``full``    — full fine-tuning;
-* every registered method of this package (LoRA, LoRA+, rsLoRA, VeRA, LoRA-FA, LoRA-drop, AdaLoRA,
-  DoRA, Delta-LoRA, PeriodicLoRA, QLoRA) at LoRA's rank ``r`` on all linear layers, each with its
-  own training hooks (AdaLoRA's allocation, Delta-LoRA's update of W, LoRA+'s parameter groups);
-* ``peft:<method>`` — peft's implementation of the methods peft has (LoRA, DoRA, VeRA), same
-  targets, rank, init and head: an independent reference for the speed of ours.
+* every registered method of this package on all linear layers, at LoRA rank ``r``'s parameter budget
+  (sized by the experiments grid's rule), each with its own training hooks;
+* ``peft:<method>`` — peft's implementation of the methods whose layer peft has, built from the
+  method's peft export (same targets, size, init and head): an independent reference for our speed.
 
 Every setup trains MiniLM's task head (pooler + classifier) as well.
 
@@ -35,6 +34,7 @@ from torch import nn
 from .core import AdapterConfig, count_parameters, get_adapter_model, import_methods
 from .data import task_info
 from .experiment import train_head_only
+from .grid import ModelShape, closed_form_count, match_budget, method_sites, model_shape
 from .lora import LoraConfig
 from .models import MODELS, load_model
 from .tasks import EncodedTask
@@ -205,8 +205,6 @@ def measure(name: str, model: nn.Module, batch: dict[str, torch.Tensor], steps: 
 
 HEAD = list(MODELS["minilm"].head_modules)  # trained in every setup
 TARGETS = list(MODELS["minilm"].all_linear)
-# Knobs the benchmark moves off a method's defaults so that its per-step work is really exercised.
-BENCH_OVERRIDES: dict[str, dict[str, Any]] = {"delta_lora": {"start_step": 0}}
 
 
 def frozen(model: nn.Module) -> nn.Module:
@@ -216,38 +214,38 @@ def frozen(model: nn.Module) -> nn.Module:
     return model
 
 
-def method_config(cls: type[AdapterConfig], r: int) -> AdapterConfig:
-    """``cls`` on all of MiniLM's linears, LoRA-type methods at rank ``r`` and α = 2r, other knobs at
-    their defaults (VeRA keeps its own shared rank, AdaLoRA its init_r → target_r schedule)."""
-    options: dict[str, Any] = {"target_modules": TARGETS, "modules_to_save": HEAD}
-    if issubclass(cls, LoraConfig):
-        options |= {"r": r, "lora_alpha": 2 * r}
-    return cls(**options | BENCH_OVERRIDES.get(cls.method, {}))
+def method_config(cls: type[AdapterConfig], r: int, steps: int = 10, shape: ModelShape | None = None) -> AdapterConfig:
+    """``cls`` on all of MiniLM's linears at LoRA rank ``r``'s parameter budget, sized by the experiments
+    grid's rule (:func:`~lorafam_nb.grid.match_budget`, then the config's own ``sized`` for a run of
+    ``steps``), so that every setup trains about as many parameters as LoRA and runs its per-step hooks.
+    ``shape``: MiniLM's :func:`~lorafam_nb.grid.model_shape`, when the caller has it already."""
+    shape = shape or model_shape("minilm")
+    target = closed_form_count(LoraConfig(r=r), method_sites(LoraConfig, shape))
+    budget = match_budget(cls, method_sites(cls, shape), target)
+    return cls.sized(budget.values, TARGETS, steps, modules_to_save=HEAD)
 
 
-def _peft(r: int, **options: Any) -> Callable[[nn.Module], nn.Module]:
-    """peft's LoRA (``use_dora`` for DoRA) or, with ``vera=True``, its VeRA (at VeRA's default rank)."""
+def _peft(config: AdapterConfig) -> Callable[[nn.Module], nn.Module]:
+    """peft's implementation of ``config`` (same targets, rank, init and head), from its peft export."""
     def build(m: nn.Module) -> nn.Module:
         import peft
-        if options.get("vera"):
-            config = peft.VeraConfig(target_modules=TARGETS, modules_to_save=HEAD)
-        else:
-            config = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, modules_to_save=HEAD, **options)
-        return peft.get_peft_model(m, config)
+        return peft.get_peft_model(m, peft.get_peft_config(config.to_peft(TARGETS)))
     return build
 
 
-def setups(r: int = 8) -> dict[str, Callable[[nn.Module], nn.Module]]:
-    """Name -> function turning a fresh MiniLM classifier into the model to time."""
-    ours = {name: (lambda m, cls=cls: get_adapter_model(m, method_config(cls, r)))
-            for name, cls in import_methods().items()}
-    return {"frozen": frozen, "full": lambda m: m, **ours,
-            "peft:lora": _peft(r), "peft:dora": _peft(r, use_dora=True), "peft:vera": _peft(r, vera=True)}
+def setups(r: int = 8, steps: int = 10) -> dict[str, Callable[[nn.Module], nn.Module]]:
+    """Name -> function turning a fresh MiniLM classifier into the model to time: the baselines, every
+    registered method, and peft's version of the methods whose configs say peft implements them."""
+    shape = model_shape("minilm")
+    configs = {name: method_config(cls, r, steps, shape) for name, cls in import_methods().items()}
+    ours = {name: (lambda m, c=c: get_adapter_model(m, c)) for name, c in configs.items()}
+    references = {f"peft:{name}": _peft(c) for name, c in configs.items() if vars(type(c)).get("peft_reference")}
+    return {"frozen": frozen, "full": lambda m: m, **ours, **references}
 
 
 def run_benchmark(batch_size: int = 16, seq_len: int = 128, steps: int = 10, r: int = 8,
                   device: str = "cpu", only: list[str] | None = None) -> list[BenchResult]:
-    all_setups = setups(r)
+    all_setups = setups(r, steps)
     unknown = set(only or ()) - set(all_setups)
     if unknown:
         raise ValueError(f"unknown setups {sorted(unknown)}; choose from {list(all_setups)}")
@@ -264,8 +262,9 @@ def ratios(results: list[BenchResult]) -> dict[str, float]:
     """LoRA against the frozen floor, and each of our methods against peft's implementation of it."""
     t = {r.name: r.seconds_per_step for r in results}
     out = {}
-    if "lora" in t and "frozen" in t:
-        out["lora / frozen"] = t["lora"] / t["frozen"]
+    lora = LoraConfig.method  # the book's reference method, whose count defines the budgets
+    if lora in t and "frozen" in t:
+        out[f"{lora} / frozen"] = t[lora] / t["frozen"]
     for name in t:
         if f"peft:{name}" in t:
             out[f"{name} / peft:{name}"] = t[name] / t[f"peft:{name}"]

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
+    from .experiment import RunSpec
     from .trainer import Callback
 
 __all__ = [
@@ -53,6 +55,12 @@ __all__ = [
     "MethodCard",
     "METHOD_MODULES",
     "get_adapter_model",
+    "saved_module_names",
+    "suffix_match",
+    "read_json",
+    "require_positive_ints",
+    "read_tensors",
+    "write_adapter_files",
     "import_methods",
     "count_parameters",
     "print_trainable_parameters",
@@ -76,7 +84,8 @@ METHODS: dict[str, type[AdapterConfig]] = {}
 # overview table, the experiments grid) by adding its module path here.
 METHOD_MODULES: tuple[str, ...] = (
     "lora", "lora_plus", "rslora", "vera", "lora_fa", "lora_drop", "adalora", "dora", "delta_lora", "plora",
-    "qlora", "moe.mixlora", "moe.loramoe", "moe.mola", "moe.moral",
+    "qlora", "moe.mixlora", "moe.loramoe", "moe.mola", "moe.moral", "moe.moelora_cl", "moe.moelora_mt", "moe.moa",
+    "moe.pesc", "moe.adamix", "moe.polytropon", "moe.sira", "moe.mole",
 )
 # Registered method name -> module path ("mixlora" -> "moe.mixlora").
 METHOD_PATHS: dict[str, str] = {path.rpartition(".")[2]: path for path in METHOD_MODULES}
@@ -161,7 +170,8 @@ class RoutingRecorder:
     @torch.no_grad()
     def record(self, layer: str, probs: Tensor, selected: Tensor | None = None, dropped: int = 0) -> None:
         """``probs``: (T, E) router probabilities of the T (non-padding) tokens; ``selected``: (T, k)
-        expert indices each token was routed to (None for a dense mixture: every expert, weighted)."""
+        expert indices each token was routed to (None for a dense mixture: every expert, weighted), -1 for
+        an assignment that was dropped (counted in ``dropped``, not as a token of any expert)."""
         probs = probs.detach().float()
         n_experts = probs.shape[-1]
         stats = self.layers.get(layer)
@@ -169,7 +179,8 @@ class RoutingRecorder:
             zeros = torch.zeros(n_experts, dtype=torch.float64, device=probs.device)
             stats = self.layers[layer] = LayerRouting(zeros.clone(), zeros.clone())
         if selected is not None:
-            stats.tokens += torch.bincount(selected.reshape(-1), minlength=n_experts).to(stats.tokens)
+            chosen = selected[selected >= 0]
+            stats.tokens += torch.bincount(chosen, minlength=n_experts).to(stats.tokens)
         stats.mass += probs.sum(0).to(stats.mass)
         stats.entropy += float(-(probs * probs.clamp_min(1e-12).log()).sum())
         stats.n_tokens += probs.shape[0]
@@ -206,7 +217,7 @@ class Route:
     layer: str  # the adapted module's name
     logits: Tensor  # (T, E), with gradient
     probs: Tensor  # (T, E) softmax over all experts, with gradient
-    selected: Tensor | None  # (T, k) selected experts; None for a dense mixture
+    selected: Tensor | None  # (T, k) selected experts (-1: dropped, e.g. over capacity); None for a dense mixture
     rows: Tensor  # (T,) the row (example × choice) each token belongs to
 
 
@@ -393,11 +404,22 @@ class AdapterConfig:
     # peft interchange (see interop.py): peft's type name and our tensor name -> peft's tensor name.
     peft_type: ClassVar[str | None] = None
     peft_keys: ClassVar[dict[str, str]] = {}
+    # Tensors of modules the layers share (``adapter_scope.<key>``) -> peft's model-level name
+    # (``base_model.<name>``), e.g. VeRA's saved projections.
+    peft_scope_keys: ClassVar[dict[str, str]] = {}
     # The method's card for the overview page; every registered config sets its own (not inherited).
     card: ClassVar[MethodCard | None] = None
     # The size hyperparameter that sets the trainable-parameter count (what the experiments grid tunes
     # to match a budget through ``num_parameters``).
     budget_knob: ClassVar[str] = "r"
+    # The method's learning rate relative to LoRA's in the same run (VeRA trains its vectors 30× higher).
+    lr_scale: ClassVar[float] = 1.0
+    # Whether the CI's smoke grid runs this method (a matched one, one that cannot match, one mixture);
+    # like ``card``, a config's own setting, not inherited.
+    in_smoke_grid: ClassVar[bool] = False
+    # Whether peft implements this method's layer, so that the benchmark times peft's (built from
+    # :meth:`to_peft`) beside ours; a config's own setting, not inherited.
+    peft_reference: ClassVar[bool] = False
 
     def make_layer(self, name: str, module: nn.Module) -> AdapterLayer:
         raise NotImplementedError
@@ -447,6 +469,36 @@ class AdapterConfig:
             terms[name] = terms[name] + value if name in terms else value
         return terms
 
+    @classmethod
+    def run_settings(cls, knob: int, steps: int, lr: float) -> dict[str, Any]:
+        """Settings beyond the size that depend on the run: schedules the paper gives in steps, scaled to a
+        run of ``steps`` optimizer steps at ``lr`` (LoRA's rate, before :attr:`lr_scale`). None by default."""
+        return {}
+
+    @classmethod
+    def sized(cls, values: dict[str, Any] | int, target_modules: list[str] | str, steps: int = 1,
+              lr: float = 1e-3, **fields: Any) -> AdapterConfig:
+        """This method at the size settings ``values`` (a bare int: the knob) for a run of ``steps`` steps at
+        ``lr``: the one rule by which the experiments grid and the benchmark size every method.
+        ``lora_alpha = 2 × knob`` where the method has one (the reference table's α = 2r, LoRA's scale 2)."""
+        values = values if isinstance(values, dict) else {cls.budget_knob: values}
+        knob = values[cls.budget_knob]
+        kwargs = {**values, "target_modules": target_modules, **cls.run_settings(knob, steps, lr), **fields}
+        if "lora_alpha" in {f.name for f in dataclasses.fields(cls)}:
+            kwargs.setdefault("lora_alpha", 2.0 * knob)
+        return cls(**kwargs)
+
+    def resolve(self, spec: RunSpec) -> AdapterConfig:
+        """The config to inject for ``spec``: a method whose architecture a first stage decides (LoRA-drop's
+        probe picks the layers that keep their own LoRA) runs that stage here, before anything is injected.
+        The experiment's :func:`~lorafam_nb.experiment.build_model` calls it; ``self`` by default."""
+        return self
+
+    def prepare(self, model: AdapterModel, spec: RunSpec) -> None:
+        """A stage that runs after injection and before the main training of ``spec`` (the experiment's
+        :func:`~lorafam_nb.experiment.build_model` calls it): methods whose experts are trained separately
+        first train them here, through :func:`~lorafam_nb.experiment.run`. Nothing by default."""
+
     def callbacks(self, model: AdapterModel) -> list[Callback]:
         """Training hooks this method needs (schedules, extra updates); none by default."""
         return []
@@ -459,6 +511,16 @@ class AdapterConfig:
     def to_peft(self, target_modules: list[str]) -> dict[str, Any]:
         """peft's adapter_config.json for this adapter injected at ``target_modules``."""
         raise NotImplementedError(f"{self.method} has no peft equivalent")
+
+    def peft_state(self, state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Our :meth:`AdapterModel.adapter_state_dict` in peft's layout (still under our key names), and what
+        peft's config must add to read it. Unchanged by default; AdaLoRA cuts the masked triplets and states
+        the rank pattern."""
+        return state, {}
+
+    def state_from_peft(self, state: dict[str, Tensor], peft_config: dict[str, Any]) -> dict[str, Tensor]:
+        """The inverse of :meth:`peft_state`: peft's tensors (already under our key names) in our layout."""
+        return state
 
     @classmethod
     def peft_matches(cls, peft_config: dict[str, Any]) -> bool:
@@ -492,13 +554,13 @@ def _modules_of_type(model: nn.Module, types: tuple[type[nn.Module], ...]) -> li
     return [n for n, m in model.named_modules() if n and isinstance(m, types)]
 
 
-def _suffix_match(name: str, suffixes: list[str]) -> bool:
+def suffix_match(name: str, suffixes: list[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in suffixes)
 
 
-def _saved_module_names(model: nn.Module, config: AdapterConfig) -> list[str]:
+def saved_module_names(model: nn.Module, config: AdapterConfig) -> list[str]:
     """Modules trained in full beside the adapter (``modules_to_save``, e.g. the task head)."""
-    return [n for n, _ in model.named_modules() if n and _suffix_match(n, config.modules_to_save)]
+    return [n for n, _ in model.named_modules() if n and suffix_match(n, config.modules_to_save)]
 
 
 def target_module_names(model: nn.Module, config: AdapterConfig) -> list[str]:
@@ -508,15 +570,15 @@ def target_module_names(model: nn.Module, config: AdapterConfig) -> list[str]:
     if targets == "all-linear":
         out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         skip = {n for n, m in model.named_modules() if out_emb is not None and m is out_emb}
-        heads = _saved_module_names(model, config)
+        heads = saved_module_names(model, config)
         names = [n for n in candidates if n not in skip and not any(n == h or n.startswith(h + ".") for h in heads)]
     elif isinstance(targets, str):
         names = [n for n in candidates if re.fullmatch(targets, n)]
     else:
-        names = [n for n in candidates if _suffix_match(n, targets)]
+        names = [n for n in candidates if suffix_match(n, targets)]
     # A pattern naming something of another type is a mistake the user should hear about.
     wrong = [n for n, m in model.named_modules() if isinstance(targets, list) and n
-             and _suffix_match(n, targets) and not isinstance(m, config.layer_types)]
+             and suffix_match(n, targets) and not isinstance(m, config.layer_types)]
     if wrong:
         raise ValueError(f"{config.method} can only adapt {config.layer_types}; these targets are not: {wrong[:5]}")
     if not names:
@@ -577,7 +639,7 @@ class AdapterModel(nn.Module):
             _set_submodule(model, site.name, layer)
             if site.bypass:
                 _set_submodule(model, site.bypass, nn.Identity())
-        for name in _saved_module_names(model, config):
+        for name in saved_module_names(model, config):
             model.get_submodule(name).requires_grad_(True)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -618,18 +680,20 @@ class AdapterModel(nn.Module):
         print_trainable_parameters(self)
 
     # --- merge --------------------------------------------------------------------------------
-    def _check_mergeable(self) -> None:
-        """Raise before any weight changes if some layer cannot be folded into its base weight."""
+    def check_mergeable(self) -> None:
+        """Raise before any weight changes if some layer cannot be folded into its base weight, saying why
+        (the method card's merge note)."""
         layers = self.adapter_layers()
         blocked = [n for n, layer in layers.items() if not layer.mergeable]
         if blocked:
             kinds = sorted({type(layers[n]).__name__ for n in blocked})
-            raise ValueError(f"{self.adapter_config.method} cannot be merged: {kinds} layers mix their experts per "
-                             f"token, so no single weight equals them ({len(blocked)} layers, e.g. {blocked[0]}); "
-                             "nothing was changed")
+            card = type(self.adapter_config).card
+            why = card.merge_note if card and card.merge_note else "their update is no single weight"
+            raise ValueError(f"{self.adapter_config.method} cannot be merged: {why} ({kinds} layers, "
+                             f"{len(blocked)} of them, e.g. {blocked[0]}); nothing was changed")
 
     def merge(self) -> None:
-        self._check_mergeable()
+        self.check_mergeable()
         for layer in self.adapter_layers().values():
             layer.merge()
 
@@ -639,7 +703,7 @@ class AdapterModel(nn.Module):
 
     def merge_and_unload(self) -> nn.Module:
         """Fold every adapter into its base weight and return the plain model."""
-        self._check_mergeable()
+        self.check_mergeable()
         for name, layer in self.adapter_layers().items():
             layer.merge()
             _set_submodule(self.model, name, layer.base_layer)
@@ -651,31 +715,24 @@ class AdapterModel(nn.Module):
         state.update({f"adapter_scope.{k}": v for k, v in self.adapter_scope.adapter_state_dict().items()})
         for name, layer in self.adapter_layers().items():
             state.update({f"{name}.{k}": v for k, v in layer.adapter_state_dict().items()})
-        for name in _saved_module_names(self.model, self.adapter_config):
+        for name in saved_module_names(self.model, self.adapter_config):
             state.update({f"{name}.{k}": v for k, v in self.model.get_submodule(name).state_dict().items()})
         return state
 
     def save_adapter(self, directory: str | Path) -> None:
         """Write ``adapter_config.json`` and ``adapter.safetensors`` (adapter + head only)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.adapter_state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_FILE))
-        (directory / CONFIG_FILE).write_text(json.dumps(self.adapter_config.to_dict(), indent=2))
+        write_adapter_files(directory, {WEIGHTS_FILE: state, CONFIG_FILE: self.adapter_config.to_dict()})
 
     def load_adapter(self, directory: str | Path) -> None:
         """Load weights saved by :meth:`save_adapter`; validates everything before touching the model."""
         directory = Path(directory)
-        saved = json.loads((directory / CONFIG_FILE).read_text())
+        saved = read_json(directory / CONFIG_FILE)
         if saved.get("method") != self.adapter_config.method:
             raise ValueError(
                 f"{directory} holds a {saved.get('method')!r} adapter; this model has {self.adapter_config.method!r}"
             )
-        try:
-            tensors = load_file(str(directory / WEIGHTS_FILE))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise ValueError(f"cannot read {directory / WEIGHTS_FILE}: the file is corrupted or truncated ({err})") from err
-        self.load_adapter_state_dict(tensors, source=str(directory))
+        self.load_adapter_state_dict(read_tensors(directory / WEIGHTS_FILE), source=str(directory))
 
     @torch.no_grad()
     def load_adapter_state_dict(self, tensors: dict[str, Tensor], source: str = "state dict") -> None:
@@ -692,11 +749,83 @@ class AdapterModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, directory: str | Path) -> AdapterModel:
-        """Inject the adapter described in ``directory`` into ``model`` and load its weights."""
-        config = AdapterConfig.from_dict(json.loads((Path(directory) / CONFIG_FILE).read_text()))
+        """Inject the adapter described in ``directory`` into ``model`` and load its weights. Everything is
+        read and validated first; a file that does not fit leaves ``model`` exactly as it was."""
+        directory = Path(directory)
+        config = AdapterConfig.from_dict(read_json(directory / CONFIG_FILE))
+        tensors = read_tensors(directory / WEIGHTS_FILE)
+        return cls.inject_and_load(model, config, tensors, str(directory))
+
+    @classmethod
+    def inject_and_load(cls, model: nn.Module, config: AdapterConfig,
+                        tensors: dict[str, Tensor] | Callable[[AdapterModel], dict[str, Tensor]],
+                        source: str) -> AdapterModel:
+        """``config`` injected into ``model`` with ``tensors`` (our adapter_state_dict keys, or a function of
+        the injected model that returns them) loaded; when they do not fit, every replaced module and every
+        ``requires_grad`` flag of ``model`` is put back before the error propagates."""
+        modules = dict(model.named_modules())  # parents before children
+        flags = [(p, p.requires_grad) for p in model.parameters()]
         adapted = cls(model, config)
-        adapted.load_adapter(directory)
+        try:
+            adapted.load_adapter_state_dict(tensors(adapted) if callable(tensors) else tensors, source=source)
+        except BaseException:
+            for name, module in modules.items():
+                if name and model.get_submodule(name) is not module:
+                    _set_submodule(model, name, module)
+            for p, flag in flags:
+                p.requires_grad_(flag)
+            raise
         return adapted
+
+
+def require_positive_ints(**values: Any) -> None:
+    """Raise a ValueError naming the first of ``values`` that is not a positive integer (configs' checks)."""
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``, or a ValueError that names the file and what is wrong with it."""
+    try:
+        data = json.loads(path.read_text())
+    except OSError as err:
+        raise ValueError(f"cannot read {path}: {err.strerror or err}") from err
+    except ValueError as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def read_tensors(path: Path) -> dict[str, Tensor]:
+    """The tensors of a safetensors file, or a ValueError for a missing, empty, truncated or corrupted one."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"cannot read {path}: the file is missing, corrupted or truncated ({err})") from err
+
+
+def write_adapter_files(directory: str | Path, files: dict[str, dict[str, Any]]) -> None:
+    """Write ``{file name: tensors (.safetensors) or a JSON object}`` into ``directory`` all or nothing: each
+    goes to a temporary name first, and only when all are written do they replace what was there."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for name, content in files.items():
+            tmp = directory / f".{name}.tmp"
+            staged.append((tmp, directory / name))
+            if name.endswith(".safetensors"):
+                save_file(content, str(tmp))
+            else:
+                tmp.write_text(json.dumps(content, indent=2))
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise
+    for tmp, final in staged:
+        os.replace(tmp, final)
 
 
 def get_adapter_model(model: nn.Module, config: AdapterConfig) -> AdapterModel:

@@ -3,19 +3,18 @@
 Everything is read from ``lorafam_nb/_data``: byte-for-byte copies of the upstream
 files, xz-compressed, listed with their sha256, source and licence in
 ``_data/MANIFEST.json``. Nothing is downloaded, so results do not depend on a hub
-revision and the book builds offline. ``vendor`` (a maintainer utility) refreshes
-that directory from a checkout of ``shared/data``.
+revision and the book builds offline. The maintainers' tool ``tests/vendor_data.py`` refreshes
+that directory from the upstream files.
 """
 
 from __future__ import annotations
 
 import csv
 import functools
-import hashlib
 import json
 import lzma
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,12 +25,16 @@ import numpy as np
 __all__ = [
     "BOOK_TASKS",
     "COMMONSENSE_TASKS",
+    "GLUE_CHOICE_TASKS",
     "GLUE_TASKS",
     "DataFormatError",
     "TaskInfo",
     "load_task",
     "task_info",
-    "vendor",
+    "DATA_DIR",
+    "TASK_NAMES",
+    "parse_files",
+    "split_files",
 ]
 
 COMMONSENSE_TASKS: tuple[str, ...] = ("arc_e", "arc_c", "boolq", "obqa", "piqa")
@@ -39,8 +42,12 @@ GLUE_TASKS: tuple[str, ...] = ("sst2", "cola", "rte", "mrpc", "stsb")
 # The same BoolQ question-answer pairs with and without their passage (open-book and closed-book), from the
 # one BoolQ file that has passages (dev), split 2:1 into train and test: every third item is a test item.
 BOOK_TASKS: tuple[str, ...] = ("boolq_open", "boolq_closed")
+# GLUE viewed as multiple choice over its label names ("sst2_mc", ...), so that one multiple-choice head or
+# prompt serves the commonsense and GLUE tasks together (the book's multi-task setting, see multitask.py).
+# STS-B becomes six choices "0".."5", its score rounded half up.
+GLUE_CHOICE_TASKS: tuple[str, ...] = tuple(f"{t}_mc" for t in GLUE_TASKS)
 
-_DATA_DIR = Path(__file__).parent / "_data"
+DATA_DIR = Path(__file__).parent / "_data"  # the shipped files (see _data/MANIFEST.json)
 
 _Row = dict[str, Any]
 
@@ -447,6 +454,35 @@ _TASKS: dict[str, _Task] = {
 }
 
 
+# The question each GLUE item becomes in its multiple-choice view, and the choices (label names spelled out).
+_GLUE_QUESTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "sst2": ("What is the sentiment of this sentence? {sentence}", ("negative", "positive")),
+    "cola": ("Is this sentence grammatically acceptable? {sentence}", ("unacceptable", "acceptable")),
+    "mrpc": ("Do these two sentences mean the same? 1: {sentence1} 2: {sentence2}", ("not equivalent", "equivalent")),
+    "rte": ("Does sentence 1 entail sentence 2? 1: {sentence1} 2: {sentence2}", ("entailment", "not entailment")),
+    "stsb": ("How similar are these two sentences, from 0 to 5? 1: {sentence1} 2: {sentence2}",
+             tuple(str(i) for i in range(6))),
+}
+
+
+def _parse_glue_choices(path: Path, task: str) -> list[_Row]:
+    """GLUE rows of ``task`` as multiple-choice rows: the question template filled in, the label names as
+    choices; STS-B's score rounded half up to one of "0".."5"."""
+    template, choices = _GLUE_QUESTIONS[task]
+    regression = _TASKS[task].info.kind == "regression"
+    return [{"question": template.format(**row), "choices": list(choices),
+             "label": int(np.floor(row["label"] + 0.5)) if regression else row["label"]}
+            for row in _parse_glue(path, task)]
+
+
+for _name in GLUE_TASKS:
+    _glue = _TASKS[_name]
+    _TASKS[f"{_name}_mc"] = _Task(
+        TaskInfo(f"{_name}_mc", f"{_glue.info.title} (choice)", "multiple_choice", len(_GLUE_QUESTIONS[_name][1]),
+                 ("question",), _glue.info.splits, _glue.info.eval_split, ()),
+        _glue.files, functools.partial(_parse_glue_choices, task=_name))
+
+
 def _normalise(name: str) -> str:
     return re.sub(r"[-_\s]", "", name.lower())
 
@@ -456,6 +492,7 @@ def _normalise(name: str) -> str:
 _ALIASES: dict[str, str] = {
     _normalise(alias): name for name, task in _TASKS.items() for alias in (name, task.info.title)
 }
+TASK_NAMES: tuple[str, ...] = tuple(_TASKS)  # every task load_task knows, by canonical name
 
 
 def _resolve(task: str) -> _Task:
@@ -473,11 +510,22 @@ def task_info(task: str) -> TaskInfo:
     return _resolve(task).info
 
 
+def split_files(task: str) -> dict[str, tuple[str, ...]]:
+    """Each split of ``task`` -> the data files it is parsed from (paths under :data:`DATA_DIR`, less ``.xz``)."""
+    return dict(_resolve(task).files)
+
+
+def parse_files(task: str, paths: Sequence[Path]) -> list[_Row]:
+    """Parse one split of ``task`` from ``paths`` (its :func:`split_files`, plain or ``.xz``), before any split
+    is cut out of a shared file: the rows a file holds. The vendoring tool checks upstream files with it."""
+    return _resolve(task).parse(*paths)
+
+
 @functools.lru_cache(maxsize=None)
 def _rows(task: str, split: str) -> tuple[_Row, ...]:
     """Parsed rows of one split, cached because decompressing and parsing dominates load time."""
     spec = _TASKS[task]
-    rows = spec.parse(*(_DATA_DIR / f"{rel}.xz" for rel in spec.files[split]))
+    rows = spec.parse(*(DATA_DIR / f"{rel}.xz" for rel in spec.files[split]))
     if spec.part is not None:
         rows = spec.part(rows, split)
     if spec.info.kind == "multiple_choice":
@@ -526,121 +574,3 @@ def load_task(task: str, split: str = "train", n: int | None = None, seed: int =
         picked = np.sort(np.random.default_rng(seed).choice(len(rows), size=n, replace=False))
         rows = tuple(rows[i] for i in picked)
     return datasets.Dataset.from_list(list(rows), features=_features(info))
-
-
-# ------------------------------------------------------------------------ vendoring
-
-
-@dataclass(frozen=True)
-class _Origin:
-    """Provenance of one shipped file, as documented in shared/data/README.md."""
-
-    source: str  # "owner/repo@commit" the bytes were taken from
-    upstream: str  # path inside that repository (and how it was converted, if it was)
-    licence: str
-
-
-_SCP = "parth20031/scp@fa1da68c38ae39a034bcc12a185438ebfb89b5f4"
-_OBQA = "katulevskiy/NLP-OpenBookQA@eac0c145529af1a4e7924c979bbbba0b10354de3"
-_YBISK = "ybisk/ybisk.github.io@21edab439af693b961be2f069e8690a88d3b4e37"
-_LLM_ADAPTERS = "AGI-Edgerunners/LLM-Adapters@816657208af4db747803f87ba40a4c71383fed7a"
-_GLUE = "F0restL1n/BERT@0d0288be08079531c7b3a85af3d532f9adb0f13a"
-_CONVERTED = "converted from a Hugging Face datasets Arrow cache to JSONL, one json.dumps(row) per line"
-_GLUE_RESEARCH = (
-    "no licence file with the GLUE data; GLUE asks users to respect the original dataset's terms (research use)"
-)
-_GLUE_LICENCES = {
-    "CoLA": _GLUE_RESEARCH,
-    "SST-2": _GLUE_RESEARCH,
-    "RTE": _GLUE_RESEARCH,
-    "MRPC": "Microsoft Research Paraphrase Corpus licence terms (Microsoft Shared Source)",
-    "STS-B": "scores CC BY-SA 4.0; sentence texts under their own source licences (see STS-B/LICENSE.txt)",
-}
-
-# Keyed by path under shared/data; the shipped copy is the same path plus ".xz".
-_VENDORED: dict[str, _Origin] = {
-    **{
-        f"commonsense/{folder}/{split}.jsonl": _Origin(
-            _SCP,
-            f"ai2_arc.zip: ai2_arc/{title}/0.0.0/210d026faf9955653af8916fad021475a3f00453/ai2_arc-{split}.arrow"
-            f" ({_CONVERTED})",
-            "CC BY-SA 4.0",
-        )
-        for folder, title in (("arc_easy", "ARC-Easy"), ("arc_challenge", "ARC-Challenge"))
-        for split in _TRAIN_VAL_TEST
-    },
-    **{
-        f"commonsense/openbookqa/{split}.jsonl": _Origin(
-            _OBQA, f"OpenBookQA-V1-Sep2018/Data/Main/{upstream}.jsonl", "Apache-2.0"
-        )
-        for split, upstream in (("train", "train"), ("validation", "dev"), ("test", "test"))
-    },
-    "commonsense/piqa/train.jsonl": _Origin(
-        _SCP, f"piqa.zip: piqa/plain_text/1.1.0/6c611c1a.../piqa-train.arrow ({_CONVERTED})", "AFL-3.0"
-    ),
-    "commonsense/piqa/train-labels.lst": _Origin(_YBISK, "piqa/data/train-labels.lst", "AFL-3.0"),
-    "commonsense/piqa/validation.jsonl": _Origin(_YBISK, "piqa/data/valid.jsonl", "AFL-3.0"),
-    "commonsense/piqa/validation-labels.lst": _Origin(_YBISK, "piqa/data/valid-labels.lst", "AFL-3.0"),
-    **{
-        f"commonsense/llm_adapters/boolq/{split}.json": _Origin(
-            _LLM_ADAPTERS,
-            f"dataset/boolq/{split}.json",
-            "ODC-By 1.0 (LLM-Adapters formatting); BoolQ itself is CC BY-SA 3.0",
-        )
-        for split in _TRAIN_TEST
-    },
-    "commonsense/llm_adapters/DATA_LICENSE": _Origin(_LLM_ADAPTERS, "DATA_LICENSE", "ODC-By 1.0 (the licence text)"),
-    "commonsense/boolq/validation.jsonl": _Origin(
-        "d-eremeev/BoolQ-Question-Answering@72c347852e309ad087cf9f57517b769712a7a2a4",
-        "data/dev.jsonl (the original BoolQ dev file, with passages)", "CC BY-SA 3.0"),
-    **{
-        f"glue/{folder}/{split}.tsv": _Origin(_GLUE, f"glue_data/{folder}/{split}.tsv", licence)
-        for folder, licence in _GLUE_LICENCES.items()
-        for split in ("train", "dev")
-    },
-    "glue/STS-B/LICENSE.txt": _Origin(_GLUE, "glue_data/STS-B/LICENSE.txt", _GLUE_LICENCES["STS-B"]),
-}
-
-
-def vendor(shared_data_dir: Path, out_dir: Path = _DATA_DIR) -> None:
-    """Copy the shipped files from ``shared/data`` into ``out_dir`` as ``.xz`` plus ``MANIFEST.json``.
-
-    A maintainer utility, idempotent: unchanged files are not rewritten. Every split is
-    parsed from the originals first, so a malformed source fails here, and the row
-    counts in the manifest are those the loaders see.
-    """
-    shared_data_dir, out_dir = Path(shared_data_dir), Path(out_dir)
-    rows: dict[str, int] = {}
-    for task in _TASKS.values():
-        for rels in task.files.values():
-            count = len(task.parse(*(shared_data_dir / rel for rel in rels)))
-            rows.update(dict.fromkeys(rels, count))
-
-    entries = []
-    for rel, origin in _VENDORED.items():
-        raw = (shared_data_dir / rel).read_bytes()
-        target = out_dir / f"{rel}.xz"
-        if not (target.exists() and lzma.decompress(target.read_bytes()) == raw):
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(lzma.compress(raw, preset=9 | lzma.PRESET_EXTREME))
-        entries.append(
-            {
-                "path": f"{rel}.xz",
-                "original": rel,
-                "sha256": hashlib.sha256(raw).hexdigest(),
-                "bytes": len(raw),
-                "rows": rows.get(rel),  # None for licence texts
-                "source": origin.source,
-                "upstream": origin.upstream,
-                "licence": origin.licence,
-            }
-        )
-    manifest = {
-        "about": "Byte-for-byte copies of files under shared/data, xz-compressed; "
-        "sha256 and bytes refer to the decompressed (original) file.",
-        "files": entries,
-    }
-    text = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
-    manifest_path = out_dir / "MANIFEST.json"
-    if not (manifest_path.exists() and manifest_path.read_text(encoding="utf-8") == text):
-        manifest_path.write_text(text, encoding="utf-8")

@@ -29,6 +29,7 @@ needs (the layer that saves its :math:`W`, the in-place write) live here and Per
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -115,6 +116,11 @@ class DeltaLoraConfig(LoraConfig):
         merge_note="into the updated $W$: the result is a dense weight, not a small adapter",
     )
     peft_type = None  # W is modified: no peft LoRA file can describe the result
+
+    @classmethod
+    def run_settings(cls, knob: int, steps: int, lr: float) -> dict[str, Any]:
+        """The W update starts after the first tenth of the run (the paper's K = 500 assumes thousands)."""
+        return {"start_step": steps // 10}
 
     def __post_init__(self) -> None:
         super().__post_init__()

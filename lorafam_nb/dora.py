@@ -176,6 +176,7 @@ class DoraConfig(LoraConfig):
     """
 
     method = "dora"
+    peft_reference = True
     card = MethodCard(
         title="DoRA", paper="Liu et al., ICML 2024", arxiv="2402.09353", date="2024-02",
         idea=r"split each weight into a magnitude per output unit and a direction; a LoRA updates the direction, "

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .core import AdapterConfig, _suffix_match, count_parameters, get_adapter_model
+from .core import AdapterConfig, suffix_match, count_parameters, get_adapter_model
 from .data import load_task, task_info
 from .models import load_model, load_tokenizer, model_spec
 from .tasks import EncodedTask, encode
@@ -44,6 +44,9 @@ class RunSpec:
     # Tasks to evaluate on (default: what it trains on). A lifelong stage trains on one chunk and is
     # evaluated on every chunk of the stream.
     eval_on: tuple[str, ...] = ()
+    # The task list that task ids index (default: ``mix``): a run on one task of a multi-task setting, such as
+    # few-shot adaptation to its held-out task, keeps that task's id in the setting.
+    task_ids: tuple[str, ...] = ()
 
     def task_names(self) -> tuple[str, ...]:
         return self.mix or (self.task,)
@@ -67,7 +70,7 @@ def train_head_only(model: nn.Module, heads: list[str]) -> nn.Module:
     """Freeze ``model`` except the modules named by the suffixes ``heads`` (the task head)."""
     model.requires_grad_(False)
     for name, module in model.named_modules():
-        if _suffix_match(name, heads):
+        if suffix_match(name, heads):
             module.requires_grad_(True)
     return model
 
@@ -87,21 +90,26 @@ def build_model(spec: RunSpec) -> nn.Module:
         return train_head_only(model, heads)
     if not isinstance(spec.finetune, AdapterConfig):
         raise ValueError(f"finetune must be 'head', 'full' or an AdapterConfig, got {spec.finetune!r}")
-    config = spec.finetune
+    config = spec.finetune.resolve(spec)
     if not config.modules_to_save and heads:
         config = dataclasses.replace(config, modules_to_save=heads)
-    return get_adapter_model(model, config)
+    adapted = get_adapter_model(model, config)
+    config.prepare(adapted, spec)  # a method's first stage (separately trained experts), if it has one
+    return adapted
 
 
 def encode_task(spec: RunSpec, split: str, n: int | None) -> EncodedTask:
     """``n`` examples of ``spec.task``; in a multi-task mix each carries ``task_id``, its task's index in
-    ``spec.mix`` (the side input that task-routed adapters read)."""
+    ``spec.task_ids or spec.mix`` (the side input that task-routed adapters read)."""
     tokenizer = load_tokenizer(spec.model)
     rows = load_task(spec.task, split, n=n, seed=spec.seed)
     task = encode(rows, spec.task, tokenizer, spec.resolved_protocol(), spec.max_length)
-    if spec.mix:
+    ids = spec.task_ids or spec.mix
+    if ids:
+        if spec.task not in ids:
+            raise ValueError(f"task {spec.task!r} has no task id: it is not one of {ids}")
         for example in task.examples:
-            example["task_id"] = spec.mix.index(spec.task)
+            example["task_id"] = ids.index(spec.task)
     return task
 
 
@@ -150,7 +158,7 @@ def run(spec: RunSpec, model: nn.Module | None = None) -> RunOutput:
     row = {
         "label": spec.label or describe(spec.finetune), "model": spec.model, "task": "+".join(spec.mix) or spec.task,
         "protocol": spec.resolved_protocol(), "metric": metric, metric: sum(per_task.values()) / len(per_task),
-        "per_task": per_task,
+        "per_task": per_task, "per_task_n": {e.info.name: len(e) for e in evaluations},
         "trainable": trainable, "total": total, "trainable_pct": 100 * trainable / total,
         "train_n": len(train), "eval_n": sum(len(e) for e in evaluations),
         "eval_split": ",".join(dict.fromkeys(task_info(t).eval_split for t in per_task)), "seed": spec.seed,

@@ -15,10 +15,11 @@ own runs:
 3. :func:`comparison_table`, :func:`multitask_table` and :func:`budget_table` are built from those
    records alone.
 
-Two methods cannot simply be matched. VeRA's count, ``Σ d_out + n·r``, reaches a LoRA budget only at
-ranks far beyond any matrix's dimension; it runs at its largest sensible rank and is reported as not
-matched. LoRA-drop's final count is known only after its probe run: the grid matches its pre-probe
-count (plain LoRA at the same rank) and records the post-probe count the run really trained.
+Some methods cannot simply be matched. A method whose count reaches the budget only at sizes beyond any
+matrix's dimension runs at its largest sensible size and is reported as not matched. A method whose first
+stage decides its architecture (:meth:`~lorafam_nb.core.AdapterConfig.resolve`) is matched on its planned
+count, and its record holds the count the run really trained. The grid holds no method's name: each
+method's sizing rule, run-dependent settings, learning-rate convention and first stage live on its config.
 """
 from __future__ import annotations
 
@@ -39,19 +40,18 @@ import torch
 from torch import nn
 
 from . import experiment
-from .core import (BUDGET_TOLERANCE, METHOD_PATHS, AdapterConfig, AdapterModel, Site, _suffix_match, count_parameters,
+from .core import (BUDGET_TOLERANCE, METHOD_PATHS, AdapterConfig, AdapterModel, Site, suffix_match, count_parameters,
                    import_methods, target_module_names)
 from .data import load_task
-from .experiment import RunSpec, build_model, training_set
+from .experiment import RunSpec, build_model
 from .lora import LoraConfig
-from .lora_drop import LoraDropConfig, importance, output_energy, select_layers, stratified_sample
 from .models import MODELS, load_model
-from .trainer import TrainConfig, Trainer
+from .trainer import TrainConfig
 
 __all__ = [
     "MIX", "PROFILES", "REFERENCE_MODELS", "TASKS", "Budget", "GridReport", "GridRun", "ModelSettings",
     "Profile", "budget_table", "comparison_table", "default_results_dir", "execute", "load_results",
-    "lora_drop_selection", "match_budget", "model_shape", "multitask_table", "plan", "run_grid",
+    "match_budget", "model_shape", "multitask_table", "plan", "run_grid",
 ]
 
 TASKS = ("arc_e", "arc_c", "boolq", "obqa", "piqa")  # the reference table's columns, in its order
@@ -84,31 +84,28 @@ class ModelSettings:
 class Profile:
     name: str
     models: dict[str, ModelSettings]
-    methods: tuple[str, ...] | None = None  # None: every registered method
+    methods: tuple[str, ...] | None = None  # None: every registered method (with ``smoke``: those in_smoke_grid)
+    smoke: bool = False
     skip: dict[str, str] = field(default_factory=dict)  # method -> why this profile does not run it
     tasks: tuple[str, ...] = TASKS
     multi_task: bool = True
     reference_rank: int = 8  # the budget: LoRA's count at this rank on the same (all) linears
-    probe_steps: int = 20  # LoRA-drop's probe: optimizer steps, stratified sample size, threshold T
-    probe_n: int = 64
-    probe_threshold: float = 0.9
 
 
 PROFILES: dict[str, Profile] = {
-    # Pipeline check for CI (< 1 min): a few examples, LoRA, VeRA (matched and not) and a mixture, MiniLM only.
-    "smoke": Profile("smoke", {"minilm": ModelSettings(8, 16, 32, 8, 1e-3)},
-                     methods=("lora", "vera", "mixlora"), probe_steps=1, probe_n=8),
+    # Pipeline check for CI (< 1 min): a few examples, MiniLM only, the methods whose configs say
+    # ``in_smoke_grid`` (one matched, one that cannot be, one mixture).
+    "smoke": Profile("smoke", {"minilm": ModelSettings(8, 16, 32, 8, 1e-3)}, smoke=True),
     # The rendered book: every method on both embedded models, subsampled; 132 runs took 48.5 min on an idle
     # 2-core x86_64 machine (2026-12-02), the mix cells a third of it.
     "book": Profile("book", {"minilm": ModelSettings(128, 150, 48, 16, 1e-3),
-                             "smollm2-135m": ModelSettings(16, 32, 96, 8, 5e-4)},
-                    probe_steps=4, probe_n=32),
+                             "smollm2-135m": ModelSettings(16, 32, 96, 8, 5e-4)}),
     # The reference table's setting (its per-run configs): r=80 on all linears, batch 16 as 4 × 4,
     # constant LR 1e-4, 2 epochs, cutoff 512, whole splits. For a GPU with access to the hub.
     "full": Profile("full", {name: ModelSettings(None, None, 512, 4, 1e-4, epochs=2, grad_accum=4,
                                                  schedule="constant", protocol="label_token")
                              for name in REFERENCE_MODELS.values()},
-                    reference_rank=80, probe_steps=200, probe_n=1000),
+                    reference_rank=80),
 }
 
 
@@ -182,33 +179,6 @@ class Budget:
         return abs(self.deviation) <= TOLERANCE
 
 
-def _method_settings(method: str, value: int, steps: int, lr: float) -> dict[str, Any]:
-    """Settings beyond the knob. The papers' step counts assume thousands of steps, so the schedules of
-    AdaLoRA, Delta-LoRA and PLoRA are scaled to the run's length; VeRA trains its vectors at a higher
-    LR (see :data:`LR_SCALE`) and its head at the profile's."""
-    return {
-        "adalora": {"target_r": max(1, round(2 * value / 3)), "tinit": steps // 10, "tfinal": steps // 5},
-        "delta_lora": {"start_step": steps // 10},
-        "plora": {"unload_every": max(1, steps // 4)},
-        "vera": {"head_lr": lr},
-    }.get(method, {})
-
-
-LR_SCALE = {"vera": 30.0}  # the VeRA chapter's vector LR, 3e-2 against LoRA's 1e-3
-
-
-def make_config(cls: type[AdapterConfig], values: dict[str, Any] | int, targets: list[str] | str, steps: int = 1,
-                lr: float = 1e-3) -> AdapterConfig:
-    """``cls`` with its size settings at ``values`` (a bare int: the knob); ``lora_alpha = 2 × knob`` where the
-    method has one (the reference's α = 2r, a scale of 2 for LoRA)."""
-    values = values if isinstance(values, dict) else {cls.budget_knob: values}
-    knob = values[cls.budget_knob]
-    kwargs: dict[str, Any] = {**values, "target_modules": targets, **_method_settings(cls.method, knob, steps, lr)}
-    if "lora_alpha" in {f.name for f in dataclasses.fields(cls)}:
-        kwargs["lora_alpha"] = 2.0 * knob
-    return cls(**kwargs)
-
-
 def closed_form_count(config: AdapterConfig, sites: Sequence[Site]) -> int:
     """The config's trainable adapter parameters over ``sites``, routers and shared modules counted once."""
     return config.model_parameters(list(sites))
@@ -217,14 +187,14 @@ def closed_form_count(config: AdapterConfig, sites: Sequence[Site]) -> int:
 def match_budget(cls: type[AdapterConfig], sites: Sequence[Site], target: int) -> Budget:
     """The size settings (:meth:`~lorafam_nb.core.AdapterConfig.budget_candidates`) whose closed-form count
     is best for ``target`` by the method's own order (:meth:`~lorafam_nb.core.AdapterConfig.budget_order`):
-    for one knob the nearest count, ties to the larger value, so that DoRA, whose magnitudes put r=8 and r=7
-    equally far from LoRA's r=8 on MiniLM, keeps LoRA's rank as the paper and the reference table do.
+    for one knob the nearest count, ties to the larger value (a method whose extra vectors put r=8 and r=7
+    equally far from LoRA's r=8 keeps LoRA's rank, as the papers and the reference table do).
 
     A target below the smallest count (by more than the tolerance) is an error.
     """
     sites = list(sites)
     candidates = cls.budget_candidates(sites)
-    counts = [closed_form_count(make_config(cls, v, "all-linear"), sites) for v in candidates]
+    counts = [closed_form_count(cls.sized(v, "all-linear"), sites) for v in candidates]
     smallest = min(range(len(counts)), key=counts.__getitem__)
     if counts[smallest] > target * (1 + TOLERANCE):
         setting = ", ".join(f"{k}={v}" for k, v in candidates[smallest].items())
@@ -252,7 +222,6 @@ class GridRun:
     settings: dict[str, Any]  # asdict(ModelSettings), LR already scaled for the method
     base_parameters: int
     seed: int
-    probe: dict[str, Any] = field(default_factory=dict)  # LoRA-drop only: steps, n, threshold
 
     @property
     def key(self) -> str:
@@ -289,7 +258,8 @@ def plan(profile: Profile | str, seed: int = 0) -> list[GridRun]:
     registry = import_methods()
     # The book's chapter order first (the registry's order depends on which module was imported first).
     known = [m for m in METHOD_PATHS if m in registry] + [m for m in registry if m not in METHOD_PATHS]
-    methods = tuple(m for m in profile.methods or known if m not in profile.skip)
+    chosen = profile.methods or tuple(m for m in known if vars(registry[m]).get("in_smoke_grid") or not profile.smoke)
+    methods = tuple(m for m in chosen if m not in profile.skip)
     for method in (*methods, *profile.skip):
         if method not in registry:
             raise ValueError(f"unknown method {method!r}; registered: {', '.join(sorted(registry))}")
@@ -305,31 +275,14 @@ def plan(profile: Profile | str, seed: int = 0) -> list[GridRun]:
         budgets = {m: match_budget(registry[m], method_sites(registry[m], shape), target) for m in methods}
         steps = {task: _steps(tasks, settings) for task, tasks in cells}
         for method in methods:
-            lr = settings.lr * LR_SCALE.get(method, 1.0)
+            cls = registry[method]
             for task, tasks in cells:
-                config = make_config(registry[method], budgets[method].values, shape.targets, steps[task],
-                                     settings.lr)
-                probe = (dict(steps=profile.probe_steps, n=profile.probe_n, threshold=profile.probe_threshold)
-                         if isinstance(config, LoraDropConfig) else {})
+                config = cls.sized(budgets[method].values, shape.targets, steps[task], settings.lr)
                 runs.append(GridRun(profile.name, model, method, task, tasks, config.to_dict(),
                                     dataclasses.asdict(budgets[method]),
-                                    dataclasses.asdict(dataclasses.replace(settings, lr=lr)),
-                                    shape.base_parameters, seed, probe))
+                                    dataclasses.asdict(dataclasses.replace(settings, lr=settings.lr * cls.lr_scale)),
+                                    shape.base_parameters, seed))
     return runs
-
-
-def lora_drop_selection(spec: RunSpec, config: LoraDropConfig, steps: int, n: int,
-                        threshold: float) -> LoraDropConfig:
-    """LoRA-drop's first stage on ``spec``'s training data: train plain LoRA of the same rank for
-    ``steps``, score each layer's output energy on a stratified sample of ``n``, keep the layers that
-    cover ``threshold`` of it per module type."""
-    lora = LoraConfig(r=config.r, lora_alpha=config.lora_alpha, target_modules=config.target_modules)
-    probe = dataclasses.replace(spec, finetune=lora)
-    data = training_set(probe)
-    model = build_model(probe)
-    Trainer(model, data, dataclasses.replace(spec.train, max_steps=steps, seed=spec.seed)).train()
-    sample = stratified_sample(data, min(n, len(data)), seed=spec.seed)
-    return dataclasses.replace(config, kept_modules=select_layers(importance(output_energy(model, sample)), threshold))
 
 
 def adapter_parameters(model: AdapterModel) -> tuple[int, int]:
@@ -337,7 +290,7 @@ def adapter_parameters(model: AdapterModel) -> tuple[int, int]:
     heads = model.adapter_config.modules_to_save
     seen: dict[int, int] = {}
     for name, module in model.model.named_modules():
-        if name and _suffix_match(name, heads):
+        if name and suffix_match(name, heads):
             seen.update({id(p): p.numel() for p in module.parameters() if p.requires_grad})
     head = sum(seen.values())
     return count_parameters(model)[0] - head, head
@@ -346,12 +299,8 @@ def adapter_parameters(model: AdapterModel) -> tuple[int, int]:
 def execute(run: GridRun, device: str = "auto") -> dict[str, Any]:
     """Train one cell and return its record (nothing is written)."""
     started = time.perf_counter()
-    config = AdapterConfig.from_dict(run.adapter)
-    spec = run.spec(config, device)
-    if isinstance(config, LoraDropConfig):
-        config = lora_drop_selection(spec, config, **run.probe)
-        spec = dataclasses.replace(spec, finetune=config)
-    model = build_model(spec)
+    spec = run.spec(AdapterConfig.from_dict(run.adapter), device)
+    model = build_model(spec)  # runs the method's own first stage, if it has one (LoRA-drop's probe)
     adapter, head = adapter_parameters(model)
     out = experiment.run(spec, model)
     return {
@@ -361,7 +310,7 @@ def execute(run: GridRun, device: str = "auto") -> dict[str, Any]:
                  "eval_split": out.row["eval_split"], "protocol": out.row["protocol"]},
         "params": {"closed_form": run.budget["closed_form"], "real": adapter, "head": head,
                    "target": run.budget["target"], "base": run.base_parameters},
-        "kept_modules": getattr(config, "kept_modules", None),
+        "adapter_trained": model.adapter_config.to_dict(),  # after the first stage (LoRA-drop's kept layers)
         "accuracy": out.row["per_task"], "steps": out.row["steps"], "s_per_step": out.row["s_per_step"],
         "wall_s": time.perf_counter() - started, "machine": out.row["machine"], "node": platform.node(),
     }
@@ -425,7 +374,7 @@ def comparison_table(results: Sequence[dict[str, Any]], multi: bool = False) -> 
 
     Single-task cells (``multi=False``) give each task's column from its own adapter; ``multi=True``
     reads every column from the one adapter trained on the mix. #Params is the real adapter count
-    (head excluded; a range where LoRA-drop's probe kept different layers per task).
+    (head excluded; a range where a method's first stage chose different layers per task).
     """
     import pandas as pd
 
@@ -466,6 +415,13 @@ def multitask_table(results: Sequence[dict[str, Any]]) -> Any:
     return pd.DataFrame(frame)
 
 
+def _first_stage_changed(record: dict[str, Any]) -> bool:
+    """Whether the adapter that trained differs from the planned one (beyond the head the run adds)."""
+    planned, trained = dict(record["config"]["adapter"]), dict(record["adapter_trained"])
+    planned.pop("modules_to_save"), trained.pop("modules_to_save")
+    return planned != trained
+
+
 def budget_table(results: Sequence[dict[str, Any]]) -> Any:
     """Per (model, method): the knob chosen, the target, the closed-form and the real adapter counts."""
     import pandas as pd
@@ -484,6 +440,6 @@ def budget_table(results: Sequence[dict[str, Any]]) -> Any:
         row["status"] = ("matched" if b.matched else
                          f"nearest achievable ({b.knob} ≤ {b.max_value})" if b.value == b.max_value
                          else "nearest achievable")
-        if r["kept_modules"] is not None:
-            row["status"] += "; pre-probe count matched, real = after the probe"
+        if _first_stage_changed(r):
+            row["status"] += "; planned count matched, real = after the method's first stage"
     return pd.DataFrame(list(out.values()))

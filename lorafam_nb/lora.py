@@ -121,6 +121,8 @@ class LoraConfig(AdapterConfig):
     lora_dropout: float = 0.0
 
     method = "lora"
+    peft_reference = True
+    in_smoke_grid = True
     card = MethodCard(
         title="LoRA", paper="Hu et al., ICLR 2022", arxiv="2106.09685", date="2021-06",
         idea=r"freeze $W_0$ and learn its update as a low-rank product $\frac{\alpha}{r}BA$, merged after training",
@@ -159,6 +161,11 @@ class LoraConfig(AdapterConfig):
 
     @classmethod
     def from_peft(cls, peft_config: dict[str, Any]) -> LoraConfig:
+        patterns = [k for k in ("rank_pattern", "alpha_pattern") if peft_config.get(k)]
+        if patterns:
+            raise ValueError(f"peft's {' and '.join(patterns)} (a rank or α per module) cannot be read: every "
+                             f"{cls.method} layer of one adapter has the same r and α here. Re-save the adapter "
+                             "from peft without them, or load it with peft")
         return cls(r=peft_config["r"], lora_alpha=peft_config["lora_alpha"],
                    lora_dropout=peft_config.get("lora_dropout", 0.0),
                    target_modules=peft_config["target_modules"],

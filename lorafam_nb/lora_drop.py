@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -46,13 +46,19 @@ from .core import AdapterModel, AdapterScope, MethodCard, Site, register_method,
 from .lora import LoraConfig, LoRALinear
 from .tasks import EncodedTask, batch_to, collate, score_batch
 
+if TYPE_CHECKING:
+    from .experiment import RunSpec
+    from .trainer import TrainResult
+
 __all__ = [
     "LoraDropConfig",
+    "Probe",
     "SharedLoRALinear",
     "SharedPair",
     "importance",
     "module_type",
     "output_energy",
+    "probe",
     "select_layers",
     "stratified_sample",
 ]
@@ -219,6 +225,11 @@ class LoraDropConfig(LoraConfig):
     """
 
     kept_modules: list[str] = field(default_factory=list)
+    # Stage 1, run by :meth:`resolve` when ``kept_modules`` is empty: the probe's optimizer steps, the size of
+    # the stratified sample D_s it trains and is scored on, and the threshold T.
+    probe_steps: int = 20
+    probe_n: int = 64
+    threshold: float = 0.9
 
     method = "lora_drop"
     card = MethodCard(
@@ -239,6 +250,19 @@ class LoraDropConfig(LoraConfig):
             raise ValueError(f"kept_modules must be a list of module names, got {self.kept_modules!r}")
         if len(set(self.kept_modules)) != len(self.kept_modules):
             raise ValueError("kept_modules lists a module twice")
+        if self.probe_steps < 1 or self.probe_n < 1:
+            raise ValueError(f"probe_steps and probe_n must be positive, got {self.probe_steps}, {self.probe_n}")
+        if not 0 < self.threshold <= 1:
+            raise ValueError(f"threshold T must be in (0, 1], got {self.threshold}")
+
+    @classmethod
+    def run_settings(cls, knob: int, steps: int, lr: float) -> dict[str, Any]:
+        """The probe is a short first stage: a quarter of the main run's steps."""
+        return {"probe_steps": max(1, steps // 4)}
+
+    def resolve(self, spec: RunSpec) -> LoraDropConfig:
+        """Stage 1 on ``spec``'s training data when no layers are chosen yet (:func:`probe`); else ``self``."""
+        return self if self.kept_modules else probe(spec, self).config
 
     @classmethod
     def from_importance(cls, importance: dict[str, float], threshold: float = 0.9, **kwargs: Any) -> LoraDropConfig:
@@ -262,3 +286,34 @@ class LoraDropConfig(LoraConfig):
 
     def to_peft(self, target_modules: list[str]) -> dict[str, Any]:
         raise NotImplementedError("LoRA-drop's shared LoRA has no peft equivalent; merge_and_unload() to export")
+
+
+@dataclass
+class Probe:
+    """What LoRA-drop's stage 1 produced: the config with the kept layers, every layer's importance I_i,
+    the probe model, D_s (what it trained on and was scored on) and its training result."""
+
+    config: LoraDropConfig
+    importance: dict[str, float]
+    model: AdapterModel
+    sample: EncodedTask
+    result: TrainResult
+
+
+def probe(spec: RunSpec, config: LoraDropConfig) -> Probe:
+    """LoRA-drop's stage 1 on ``spec``'s training data: draw the stratified sample D_s of ``probe_n``
+    examples, train plain LoRA of ``config``'s rank on it for ``probe_steps`` steps (``spec``'s training
+    settings), score each layer's output energy on D_s, and keep the layers that cover ``threshold`` of it
+    within their module type. The chapter and the experiments grid both run this."""
+    from .experiment import build_model, training_set
+    from .trainer import Trainer
+
+    lora = LoraConfig(r=config.r, lora_alpha=config.lora_alpha, target_modules=config.target_modules,
+                      modules_to_save=config.modules_to_save)
+    data = training_set(spec)
+    sample = stratified_sample(data, min(config.probe_n, len(data)), seed=spec.seed)
+    model = build_model(replace(spec, finetune=lora))
+    result = Trainer(model, sample, replace(spec.train, max_steps=config.probe_steps, seed=spec.seed)).train()
+    scores = importance(output_energy(model, sample))
+    kept = replace(config, kept_modules=select_layers(scores, config.threshold))
+    return Probe(kept, scores, model, sample, result)

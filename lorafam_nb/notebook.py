@@ -7,6 +7,8 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+__all__ = ["PROFILES", "setup", "show_source", "table"]
+
 PROFILES = ("smoke", "book", "full")
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -106,6 +107,11 @@ class PLoraConfig(LoraConfig):
         merge_note="the result is a dense weight: the backbone already holds the unloaded stages",
     )
     peft_type = None  # W is modified: no peft LoRA file can describe the result
+
+    @classmethod
+    def run_settings(cls, knob: int, steps: int, lr: float) -> dict[str, Any]:
+        """Four stages per run, whatever its length."""
+        return {"unload_every": max(1, steps // 4)}
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .core import MethodCard, register_method
+from .core import MethodCard, register_method, require_positive_ints
 from .lora import LoraConfig, LoRALinear
 
 __all__ = [
@@ -298,10 +298,7 @@ class QLoraConfig(LoraConfig):
         super().__post_init__()
         if self.quant_type not in CODEBOOKS:
             raise ValueError(f"quant_type must be one of {sorted(CODEBOOKS)}, got {self.quant_type!r}")
-        for name in ("blocksize", "dq_blocksize"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        require_positive_ints(blocksize=self.blocksize, dq_blocksize=self.dq_blocksize)
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
 

@@ -5,8 +5,9 @@ the adapter config so that a chapter never edits this loop:
 
 * ``AdapterConfig.param_groups`` — optimizer parameter groups (LoRA+ gives B a larger LR);
 * :class:`Callback` — hooks around each step. ``extra_loss`` adds named terms to the loss (AdaLoRA's
-  orthogonality penalty), ``on_after_backward`` sees the gradients (AdaLoRA's sensitivity),
-  ``on_step_end`` runs after the optimizer step (Delta-LoRA's update of W, PeriodicLoRA's unloading).
+  orthogonality penalty; AdaMix's consistency, from a second forward pass on the micro-batch),
+  ``on_after_backward`` sees the gradients (AdaLoRA's sensitivity), ``on_step_end`` runs after the
+  optimizer step (Delta-LoRA's update of W, PeriodicLoRA's unloading).
 
 Auxiliary losses come through one channel: the adapter's weighted terms of each forward
 (:meth:`~lorafam_nb.core.AdapterModel.aux_losses`: MoE load balance, contrastive terms) and the
@@ -26,7 +27,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -37,7 +38,7 @@ from tqdm import tqdm
 from .core import AdapterModel
 from .tasks import EncodedTask, batch_to, collate, evaluate, score_batch
 
-__all__ = ["Callback", "TrainConfig", "Trainer", "TrainResult", "resolve_device", "set_seed"]
+__all__ = ["Callback", "TrainConfig", "Trainer", "TrainResult", "lr_lambda", "resolve_device", "set_seed"]
 
 SCHEDULES = ("linear", "cosine", "constant")
 
@@ -89,7 +90,10 @@ class Callback:
     def on_train_begin(self, trainer: Trainer) -> None: ...
 
     def extra_loss(self, trainer: Trainer) -> dict[str, Tensor]:
-        """Named terms to add to this micro-batch's loss (already weighted)."""
+        """Named terms to add to this micro-batch's loss (already weighted). ``trainer.batch`` is the
+        micro-batch (collated, on the device) and ``trainer.scores`` its scores from the forward pass that
+        gave the task loss, so a term may run a second forward pass on the same batch (AdaMix's
+        consistency between two stochastic passes) through :func:`~lorafam_nb.tasks.score_batch`."""
         return {}
 
     def on_after_backward(self, trainer: Trainer) -> None: ...
@@ -118,7 +122,8 @@ class TrainResult:
         return self.evals[-1] if self.evals else {}
 
 
-def _lr_lambda(schedule: str, warmup: int, total: int):
+def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
+    """The LR factor at each optimizer step: linear warm-up over ``warmup`` steps, then ``schedule``."""
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
@@ -158,11 +163,14 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: self._lr_factor(step))
         self.step = 0
         self.result = TrainResult()
+        # The current micro-batch and its scores, set before the callbacks' extra_loss runs.
+        self.batch: dict[str, Tensor] | None = None
+        self.scores: Tensor | None = None
 
     def _lr_factor(self, step: int) -> float:
         start, length = self.schedule_window
         warmup = int(self.config.warmup_ratio * length)
-        return _lr_lambda(self.config.schedule, max(1, warmup) if warmup else 0, length)(step - start)
+        return lr_lambda(self.config.schedule, max(1, warmup) if warmup else 0, length)(step - start)
 
     def restart_schedule(self, length: int) -> None:
         """Forget the optimizer state and run a fresh LR schedule (warm-up included) over the next
@@ -245,7 +253,8 @@ class Trainer:
     def _loss_terms(self, examples: list[dict[str, Any]]) -> dict[str, Tensor]:
         """The task loss (``"task"``) and every named auxiliary term of one micro-batch, weighted."""
         batch = batch_to(collate(self.train_task, examples), self.device)
-        loss, _ = score_batch(self.model, self.train_task, batch)
+        loss, scores = score_batch(self.model, self.train_task, batch)
+        self.batch, self.scores = batch, scores  # what extra_loss hooks may read (see Callback.extra_loss)
         terms = {"task": loss}
         if isinstance(self.model, AdapterModel):
             terms.update(self.model.aux_losses())

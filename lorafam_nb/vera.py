@@ -150,6 +150,8 @@ class VeraConfig(AdapterConfig):
     head_lr: float | None = None
 
     method = "vera"
+    peft_reference = True
+    in_smoke_grid = True
     card = MethodCard(
         title="VeRA", paper="Kopiczko, Blankevoort & Asano, ICLR 2024", arxiv="2310.11454", date="2023-10",
         idea=r"one frozen random pair $A, B$ shared by all layers; each layer trains only two scaling vectors",
@@ -159,6 +161,15 @@ class VeraConfig(AdapterConfig):
         params_note=r"plus the shared frozen pair, $r(D_{in}+D_{out})$ once per model",
     )
     peft_type = "VERA"
+    # The saved pair: peft keeps it once per model, as base_model.vera_A / vera_B (as our scope does).
+    peft_scope_keys = {"vera_projections.vera_A": "vera_A", "vera_projections.vera_B": "vera_B"}
+
+    lr_scale = 30.0  # the chapter's vector LR, 3e-2 against LoRA's 1e-3: b and d start at 0 and 0.1
+
+    @classmethod
+    def run_settings(cls, knob: int, steps: int, lr: float) -> dict[str, Any]:
+        """The head trains at LoRA's rate while b, d train at :attr:`lr_scale` times it."""
+        return {"head_lr": lr}
 
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or self.r <= 0:
@@ -196,15 +207,9 @@ class VeraConfig(AdapterConfig):
         return d_out + self.r
 
     def to_peft(self, target_modules: list[str]) -> dict[str, Any]:
-        if self.save_projection:
-            # peft stores the shared pair under model-level keys (base_model.vera_A), which the per-layer
-            # interchange in interop.py cannot name yet.
-            raise ValueError("peft's files keep VeRA's shared A, B under model-level keys that save_peft cannot "
-                             "write; use VeraConfig(save_projection=False): peft then redraws A and B from "
-                             "projection_prng_key exactly as this package does")
         return {
             "peft_type": self.peft_type, "r": self.r, "target_modules": target_modules,
-            "projection_prng_key": self.projection_prng_key, "save_projection": False,
+            "projection_prng_key": self.projection_prng_key, "save_projection": self.save_projection,
             "vera_dropout": self.vera_dropout, "d_initial": self.d_initial, "fan_in_fan_out": False,
             "bias": "none", "modules_to_save": self.modules_to_save or None, "init_weights": True,
             "layers_to_transform": None, "layers_pattern": None,
@@ -212,15 +217,15 @@ class VeraConfig(AdapterConfig):
 
     @classmethod
     def peft_matches(cls, peft_config: dict[str, Any]) -> bool:
-        # Readable: pair regenerated from the seed, no bias training, nn.Linear layout, targets by name.
-        return (super().peft_matches(peft_config) and not peft_config.get("save_projection", True)
-                and peft_config.get("bias", "none") == "none" and not peft_config.get("fan_in_fan_out")
+        # Readable: no bias training, nn.Linear layout, targets by name (the pair saved or regenerated).
+        return (super().peft_matches(peft_config) and peft_config.get("bias", "none") == "none" and not peft_config.get("fan_in_fan_out")
                 and peft_config.get("layers_to_transform") is None)
 
     @classmethod
     def from_peft(cls, peft_config: dict[str, Any]) -> VeraConfig:
         return cls(r=peft_config["r"], target_modules=peft_config["target_modules"],
-                   projection_prng_key=peft_config.get("projection_prng_key", 0), save_projection=False,
+                   projection_prng_key=peft_config.get("projection_prng_key", 0),
+                   save_projection=peft_config.get("save_projection", True),
                    vera_dropout=peft_config.get("vera_dropout", 0.0), d_initial=peft_config.get("d_initial", 0.1),
                    modules_to_save=list(peft_config.get("modules_to_save") or []))
 

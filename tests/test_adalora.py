@@ -11,6 +11,7 @@ from torch import nn
 
 from conftest import Interrupt, tiny_bert, toy_task
 from lorafam_nb import AdapterModel, get_adapter_model
+from lorafam_nb.interop import load_peft, save_peft
 from lorafam_nb.adalora import AdaLoraConfig, AdaLoRALinear, RankAllocator, effective_parameters, rank_pattern
 from lorafam_nb.models import MODELS
 from lorafam_nb.trainer import Callback, TrainConfig, Trainer
@@ -394,3 +395,52 @@ def test_orthogonality_penalty_against_dense_computation():
             layer.lora_B.copy_(torch.linalg.qr(torch.randn(layer.lora_B.shape)).Q)
             layer.lora_A.copy_(torch.linalg.qr(torch.randn(layer.lora_A.shape[::-1])).Q.T)
     assert RankAllocator(model, paper).orthogonality_penalty().item() < 1e-10
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_peft_loads_what_we_save_rank_state_included(tmp_path, masked):
+    from peft import PeftModel
+    model = adalora(init_r=4, modules_to_save=["classifier"])
+    randomise(model)
+    if masked:
+        allocator = RankAllocator(model, model.adapter_config)
+        _set_grads(model, 0)
+        allocator.update_importance()
+        allocator.mask_to_budget(17)
+    save_peft(model, tmp_path)
+    theirs = PeftModel.from_pretrained(tiny_bert(), tmp_path)
+    torch.testing.assert_close(theirs(input_ids=X).logits, model(input_ids=X).logits, atol=1e-5, rtol=0)
+    pattern = theirs.peft_config["default"].rank_pattern
+    if masked:  # peft holds only the kept triplets, and the pattern that says which
+        assert {k.removesuffix(".lora_E"): sum(v) for k, v in pattern.items()} == rank_pattern(model)
+        for name, layer in model.adapter_layers().items():
+            assert theirs.base_model.model.get_submodule(name).lora_E["default"].shape == (layer.rank, 1)
+    else:
+        assert pattern is None
+    back = load_peft(tiny_bert(), tmp_path)  # and our own export reads back exactly
+    assert rank_pattern(back) == rank_pattern(model)
+    same = ("init_r", "target_r", "lora_alpha", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight")
+    assert all(getattr(back.adapter_config, k) == getattr(model.adapter_config, k) for k in same)
+    torch.testing.assert_close(back(input_ids=X).logits, model(input_ids=X).logits, atol=1e-6, rtol=0)
+
+
+def test_we_load_what_peft_saves_after_its_allocation(tmp_path):
+    from peft import AdaLoraConfig as PeftAdaLoraConfig, get_peft_model
+    theirs = get_peft_model(tiny_bert(), PeftAdaLoraConfig(init_r=4, target_r=2, lora_alpha=6, target_modules=TARGETS,
+                                                           total_step=10, modules_to_save=["classifier"]))
+    g = torch.Generator().manual_seed(3)
+    pattern = {}
+    with torch.no_grad():
+        for name, module in theirs.base_model.model.named_modules():
+            if hasattr(module, "lora_E") and "default" in getattr(module, "lora_E", {}):
+                for t in (module.lora_A["default"], module.lora_B["default"], module.lora_E["default"]):
+                    t.copy_(torch.randn(t.shape, generator=g) * 0.3)
+                keep = (torch.rand(4, generator=g) < 0.6).tolist()
+                keep[0] = True  # at least one triplet per matrix
+                module.lora_E["default"][~torch.tensor(keep)] = 0.0
+                pattern[f"{name}.lora_E"] = keep
+    theirs.peft_config["default"].rank_pattern = pattern
+    theirs.save_pretrained(tmp_path)
+    ours = load_peft(tiny_bert(), tmp_path)
+    assert rank_pattern(ours) == {k.removesuffix(".lora_E"): sum(v) for k, v in pattern.items()}
+    torch.testing.assert_close(ours(input_ids=X).logits, theirs(input_ids=X).logits, atol=1e-5, rtol=0)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from lorafam_nb import LoraConfig, count_parameters, get_adapter_model
-from lorafam_nb.bench import measure, method_config, ratios, run_benchmark, setups
+from lorafam_nb import grid
+from lorafam_nb.bench import HEAD, TARGETS, measure, method_config, ratios, run_benchmark, setups
 from lorafam_nb.core import import_methods
 from lorafam_nb.models import MODELS
 
@@ -20,11 +21,16 @@ def test_every_registered_method_and_the_peft_references_are_set_up():
         run_benchmark(only=["nope"])
 
 
-def test_method_configs_use_lora_rank_on_all_linears():
-    lora = method_config(import_methods()["lora"], r=4)
+def test_method_configs_are_sized_by_the_grids_rule():
+    methods = import_methods()
+    lora = method_config(methods["lora"], r=4)
     assert (lora.r, lora.lora_alpha, lora.target_modules) == (4, 8, list(MODELS["minilm"].all_linear))
-    assert method_config(import_methods()["vera"], r=4).r == 256  # VeRA keeps its own shared rank
-    assert method_config(import_methods()["delta_lora"], r=4).start_step == 0  # its update is timed
+    shape = grid.model_shape("minilm")
+    target = grid.closed_form_count(LoraConfig(r=4), grid.method_sites(LoraConfig, shape))
+    for name, cls in methods.items():  # the budget the grid would give, and the config's own run settings
+        budget = grid.match_budget(cls, grid.method_sites(cls, shape), target)
+        assert method_config(cls, r=4, steps=20) == cls.sized(budget.values, TARGETS, 20, modules_to_save=HEAD), name
+    assert method_config(methods["delta_lora"], r=4, steps=10).start_step == 1  # its update is timed from step 2
 
 
 def test_measure_times_the_requested_steps_and_counts_training_state(bert):

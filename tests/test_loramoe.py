@@ -225,7 +225,7 @@ def test_task_types_flow_through_trainer_and_are_logged():
 
 # --- parity with moe-peft 2.0.2 (LoraMoe.forward, moe_peft/adapters/loramoe/model.py:42-62) -----------
 
-def _moe_peft():
+def require_moe_peft():
     sys.modules.setdefault("evaluate", types.ModuleType("evaluate"))  # only its metric tasks import it
     return pytest.importorskip("moe_peft", reason="moe-peft==2.0.2 is a test extra (make installs it --no-deps)")
 
@@ -239,7 +239,7 @@ def tiny_llama(seed: int = 0):
 
 
 def moe_peft_model(hf, adapter: dict, weights: dict, name: str):
-    moe_peft = _moe_peft()
+    moe_peft = require_moe_peft()
     from moe_peft.adapters import lora_config_factory
     from moe_peft.models import from_pretrained
     hf.config.rope_theta = 10000.0  # transformers 5 keeps it in rope_parameters; moe-peft reads the old field
@@ -268,7 +268,7 @@ def moe_peft_forward(model, name: str, ids: torch.Tensor, labels: bool = False):
 
 
 def test_logits_match_moe_peft_loramoe():
-    _moe_peft()
+    require_moe_peft()
     hf = tiny_llama()
     projs = ["gate_proj", "up_proj", "down_proj"]
     cfg = LoraMoEConfig(r=4, lora_alpha=8.0, num_experts=4, lora_dropout=0.0, target_modules=projs)

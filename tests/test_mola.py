@@ -18,7 +18,7 @@ from lorafam_nb.core import block_index
 from lorafam_nb.models import load_model
 from lorafam_nb.moe.layers import MoELoRALinear
 from lorafam_nb.moe.mola import SCHEMES, MoLAConfig, allocation
-from test_loramoe import _moe_peft, moe_peft_forward, moe_peft_model, tiny_llama
+from test_loramoe import require_moe_peft, moe_peft_forward, moe_peft_model, tiny_llama
 
 X = torch.randint(0, 100, (4, 9), generator=torch.Generator().manual_seed(3))
 MASK = torch.ones_like(X)
@@ -249,7 +249,7 @@ def _theirs_and_ours(k: int = 2, coef: float = 0.01):
 
 
 def test_logits_and_aux_match_moe_peft_mola():
-    _moe_peft()
+    require_moe_peft()
     from moe_peft.adapters.mola.model import _mixtral_load_balancing_loss_func as theirs_loss
     ours, theirs = _theirs_and_ours()
     ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(5))

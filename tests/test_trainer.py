@@ -8,7 +8,7 @@ import torch
 
 from conftest import Interrupt, tiny_bert, toy_task
 from lorafam_nb import LoraConfig, get_adapter_model
-from lorafam_nb.trainer import Callback, TrainConfig, Trainer, _lr_lambda
+from lorafam_nb.trainer import Callback, TrainConfig, Trainer, lr_lambda
 
 
 def lora_model(seed: int = 0):
@@ -88,11 +88,11 @@ def test_nan_loss_stops_naming_the_step():
 
 
 def test_lr_schedules():
-    linear = _lr_lambda("linear", warmup=2, total=10)
+    linear = lr_lambda("linear", warmup=2, total=10)
     assert [round(linear(s), 3) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
-    cosine = _lr_lambda("cosine", warmup=0, total=10)
+    cosine = lr_lambda("cosine", warmup=0, total=10)
     assert cosine(0) == 1.0 and abs(cosine(5) - 0.5) < 1e-9
-    assert _lr_lambda("constant", warmup=0, total=10)(9) == 1.0
+    assert lr_lambda("constant", warmup=0, total=10)(9) == 1.0
     with pytest.raises(ValueError, match="schedule"):
         TrainConfig(schedule="step")
 

@@ -206,28 +206,37 @@ def test_save_load_round_trip_includes_the_frozen_pair(tmp_path):
                        lean(input_ids=X).logits)
 
 
-def test_peft_interchange_with_regenerated_pair(tmp_path):
+@pytest.mark.parametrize("save_projection", [False, True])
+def test_peft_interchange_both_ways(tmp_path, save_projection):
+    """peft's default saves the pair (base_model.vera_A / vera_B); without it both sides redraw it from the seed."""
     from peft import PeftModel
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # peft warns that it redraws the pair from the seed
-        ours, theirs = _pair_with_peft(save_projection=False)
+        warnings.simplefilter("ignore", UserWarning)  # peft warns when it redraws the pair from the seed
+        ours, theirs = _pair_with_peft(save_projection=save_projection)
         reference = ours(input_ids=X).logits
         save_peft(ours, tmp_path / "ours")
+        saved = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
+        assert ("base_model.vera_A" in saved) == save_projection
         loaded_by_peft = PeftModel.from_pretrained(tiny_bert(), tmp_path / "ours")
         torch.testing.assert_close(loaded_by_peft(input_ids=X).logits, reference, atol=1e-6, rtol=0)
         theirs.save_pretrained(tmp_path / "theirs")
     loaded_by_us = load_peft(tiny_bert(), tmp_path / "theirs")
     assert isinstance(loaded_by_us.adapter_config, VeraConfig)
+    assert loaded_by_us.adapter_config.save_projection == save_projection
     torch.testing.assert_close(loaded_by_us(input_ids=X).logits, theirs(input_ids=X).logits, atol=1e-6, rtol=0)
 
 
-def test_peft_files_with_saved_pair_are_refused(tmp_path):
-    from peft import VeraConfig as PeftVeraConfig, get_peft_model
-    with pytest.raises(ValueError, match="save_projection=False"):
-        save_peft(get_adapter_model(tiny_bert(), vera()), tmp_path / "ours")
-    get_peft_model(tiny_bert(), PeftVeraConfig(r=4, target_modules=["query"])).save_pretrained(tmp_path / "theirs")
-    with pytest.raises(ValueError, match="no lorafam_nb method"):
-        load_peft(tiny_bert(), tmp_path / "theirs")
+def test_a_saved_pair_is_read_not_redrawn(tmp_path):
+    """A peft file whose pair differs from the seed's draw loads that pair (and peft reads ours the same way)."""
+    from peft import PeftModel
+    ours, _ = _pair_with_peft(save_projection=True)
+    with torch.no_grad():
+        shared_projections(ours).vera_A.mul_(2.0)
+    save_peft(ours, tmp_path / "ours")
+    back = load_peft(tiny_bert(), tmp_path / "ours")
+    assert torch.equal(shared_projections(back).vera_A, shared_projections(ours).vera_A)
+    torch.testing.assert_close(PeftModel.from_pretrained(tiny_bert(), tmp_path / "ours")(input_ids=X).logits,
+                               ours(input_ids=X).logits, atol=1e-6, rtol=0)
 
 
 def test_training_moves_only_the_vectors():

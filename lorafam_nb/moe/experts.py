@@ -9,6 +9,11 @@ a token x is ``s · B_e A_e x``. Two ways to run a mixture, both without a loop 
 * **sparse** (:class:`Dispatch` + :meth:`LoRAExperts.grouped`): only the k selected experts per token.
   The T·k (token, expert) assignments are sorted by expert and padded into an (E, C, d) block, C the
   largest expert load, so that one batched matmul runs every expert on its own tokens.
+
+:class:`BottleneckAdapters` stacks bottleneck adapters (Houlsby et al., 2019) the same way, for the
+mixtures whose experts are adapters on a block's output rather than LoRAs on its weights (PESC, AdaMix):
+adapter (i, j) maps u to ``s · (W^up_j GELU(W^down_i u + b^down_i) + b^up_j)``, the branch a layer adds to
+its residual u. Paired adapters (i = j) run dense or sparse like the LoRA experts.
 """
 from __future__ import annotations
 
@@ -16,9 +21,12 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Dispatch", "LoRAExperts"]
+from ..core import require_positive_ints
+
+__all__ = ["BottleneckAdapters", "Dispatch", "LoRAExperts"]
 
 
 @dataclass
@@ -107,3 +115,94 @@ class LoRAExperts(nn.Module):
     def extra_repr(self) -> str:
         E, d_out, r = self.lora_B.shape
         return f"num_experts={E}, r={r}, d_in={self.lora_A.shape[2]}, d_out={d_out}, scaling={self.scaling:g}"
+
+
+class BottleneckAdapters(nn.Module):
+    """Bottleneck adapters on a width-d stream: ``down`` (M, b, d) and ``up`` (N, d, b) projections, with
+    biases ``down_bias`` (M, b) and ``up_bias`` (N, d) when ``bias``; GELU (exact) between them, scale s.
+
+    :meth:`branch` runs the adapter (i, j) = (down i, up j); the caller adds the residual. M = N pairs them into
+    E = M experts (:meth:`dense`, :meth:`sparse`); M ≠ N is AdaMix's sharing (N = 1: one up-projection
+    that every down-projection feeds). :meth:`average` is the weight average of the copies (AdaMix's merge).
+
+    Init: biases 0; ``init_std`` None draws each W^down Kaiming-uniform (a = √5, bound 1/√d) and sets
+    W^up = 0, so every adapter starts as the identity; a number draws both from N(0, init_std²)
+    (BERT's init of new linears, what AdaMix's released code gets).
+    """
+
+    def __init__(self, d: int, b: int, num_down: int, num_up: int, bias: bool = False, scaling: float = 1.0,
+                 init_std: float | None = None, dtype: torch.dtype | None = None,
+                 device: torch.device | None = None) -> None:
+        super().__init__()
+        require_positive_ints(adapter_dim=b, num_down=num_down, num_up=num_up)
+        self.dim, self.scaling = b, scaling
+        self.down = nn.Parameter(torch.empty(num_down, b, d, dtype=dtype, device=device))
+        self.up = nn.Parameter(torch.zeros(num_up, d, b, dtype=dtype, device=device))
+        self.down_bias = nn.Parameter(torch.zeros(num_down, b, dtype=dtype, device=device)) if bias else None
+        self.up_bias = nn.Parameter(torch.zeros(num_up, d, dtype=dtype, device=device)) if bias else None
+        if init_std is None:
+            nn.init.uniform_(self.down, -1 / math.sqrt(d), 1 / math.sqrt(d))  # kaiming_uniform_(a=√5) per copy
+        else:
+            nn.init.normal_(self.down, std=init_std)
+            nn.init.normal_(self.up, std=init_std)
+
+    @property
+    def num_down(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def num_up(self) -> int:
+        return self.up.shape[0]
+
+    def _run(self, u: Tensor, w_down: Tensor, b_down: Tensor | None, w_up: Tensor, b_up: Tensor | None) -> Tensor:
+        return F.linear(F.gelu(F.linear(u, w_down, b_down)), w_up, b_up) * self.scaling
+
+    def branch(self, u: Tensor, i: int, j: int) -> Tensor:
+        """The adapter (down i, up j) on u (…, d): ``s · (W^up_j GELU(W^down_i u + b^down_i) + b^up_j)``."""
+        bias = self.down_bias is not None
+        return self._run(u, self.down[i], self.down_bias[i] if bias else None,
+                         self.up[j], self.up_bias[j] if bias else None)
+
+    def average(self) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+        """(W̄^down, b̄^down, W̄^up, b̄^up): each projection's weights and biases averaged over its copies."""
+        bias = self.down_bias is not None
+        return (self.down.mean(0), self.down_bias.mean(0) if bias else None,
+                self.up.mean(0), self.up_bias.mean(0) if bias else None)
+
+    def averaged_branch(self, u: Tensor) -> Tensor:
+        """One adapter with the averaged weights (:meth:`average`) on u: one down- and one up-projection."""
+        return self._run(u, *self.average())
+
+    def _paired(self) -> int:
+        if self.num_down != self.num_up:
+            raise ValueError(f"a mixture of adapters pairs down and up projections; have {self.num_down} down, "
+                             f"{self.num_up} up")
+        return self.num_down
+
+    def dense(self, u: Tensor, gates: Tensor) -> Tensor:
+        """``Σ_e g_te · branch_e(u_t)`` for (T, d) u and (T, E) gates -> (T, d): every expert's down-projection
+        in one (T, E·b) matmul, GELU, the gate per expert, then one matmul over the E·b hidden units."""
+        E, b = self._paired(), self.dim
+        z = u @ self.down.reshape(E * b, -1).t()
+        if self.down_bias is not None:
+            z = z + self.down_bias.reshape(-1)
+        z = F.gelu(z).view(u.shape[0], E, b) * gates.to(z.dtype)[..., None]
+        out = z.reshape(-1, E * b) @ self.up.permute(0, 2, 1).reshape(E * b, -1)
+        if self.up_bias is not None:
+            out = out + gates.to(out.dtype) @ self.up_bias
+        return out * self.scaling
+
+    def sparse(self, u: Tensor, dispatch: Dispatch) -> Tensor:
+        """``Σ_{e ∈ top-k(t)} w_te · branch_e(u_t)`` -> (T, d): each expert on its own tokens (one bmm each way)."""
+        self._paired()
+        z = torch.bmm(dispatch.group(u[dispatch.token]), self.down.transpose(1, 2))
+        if self.down_bias is not None:
+            z = z + self.down_bias[:, None]
+        out = torch.bmm(F.gelu(z), self.up.transpose(1, 2))
+        if self.up_bias is not None:
+            out = out + self.up_bias[:, None]
+        return dispatch.combine(dispatch.ungroup(out) * self.scaling)
+
+    def extra_repr(self) -> str:
+        return (f"d={self.down.shape[2]}, b={self.dim}, num_down={self.num_down}, num_up={self.num_up}, "
+                f"bias={self.down_bias is not None}, scaling={self.scaling:g}")

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import AdapterConfig, AdapterContext, AdapterLayer, AdapterModel, AdapterScope, MethodCard, Site, \
-    register_method, site_of, target_module_names
+    register_method, site_of, target_module_names, require_positive_ints
 from ..lora import LoRALinear
 from ..models import FeedForward, ffn_blocks
 from .experts import LoRAExperts
@@ -131,6 +131,7 @@ class MixLoraConfig(AdapterConfig):
     path: str = "sparse"
 
     method = "mixlora"
+    in_smoke_grid = True
     card = MethodCard(
         title="MixLoRA", paper="Li et al., arXiv 2024", arxiv="2404.15159", date="2024-04",
         idea=r"every FFN becomes a top-$k$ mixture of experts that share the frozen FFN and differ by their own "
@@ -143,10 +144,7 @@ class MixLoraConfig(AdapterConfig):
     )
 
     def __post_init__(self) -> None:
-        for name in ("r", "num_experts", "top_k"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        require_positive_ints(r=self.r, num_experts=self.num_experts, top_k=self.top_k)
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
         if not 0 <= self.lora_dropout < 1:

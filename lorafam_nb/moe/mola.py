@@ -19,13 +19,12 @@ asks where a fixed total of experts is best spent. For each adapted linear t of 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..core import MethodCard, Route, Site, block_index, register_method
-from .layers import TopKLinearConfig, mixture_budget_order
+from ..core import MethodCard, Route, block_index, register_method
+from .layers import LayerwiseTopKConfig, spread
 from .losses import pooled_load_balance
 
 __all__ = ["SCHEMES", "MoLAConfig", "allocation", "spread"]
@@ -45,16 +44,9 @@ def allocation(scheme: tuple[int, ...] | str, num_layers: int) -> list[int]:
     return [n for n in counts for _ in range(num_layers // len(counts))]
 
 
-def spread(total: int, num_layers: int) -> list[int]:
-    """``total`` experts over ``num_layers`` layers as evenly as integers allow, the extra ones in the
-    highest layers (MoLA's finding: higher layers use more experts)."""
-    base, extra = divmod(total, num_layers)
-    return [base + (j >= num_layers - extra) for j in range(num_layers)]
-
-
 @register_method
 @dataclass
-class MoLAConfig(TopKLinearConfig):
+class MoLAConfig(LayerwiseTopKConfig):
     """MoLA's hyperparameters: ``experts_per_layer`` (N_j per block index; empty: ``num_experts`` in every
     layer), ``top_k`` K, rank ``r``, ``lora_alpha``, ``lora_dropout`` and ``router_aux_loss_coef`` c."""
 
@@ -76,33 +68,6 @@ class MoLAConfig(TopKLinearConfig):
         params_note=r"in layer $j$; the router is counted",
         merge_note="top-2 routing per token",
     )
-
-    def expert_counts(self) -> list[int]:
-        return self.experts_per_layer or [self.num_experts]
-
-    @classmethod
-    def budget_candidates(cls, sites: list[Site]) -> list[dict[str, Any]]:
-        """Expert rank r with a *total* of experts spread over the layers (:func:`spread`): MoLA's own knob,
-        and fine enough to match a budget, where one count for every layer moves in steps of a whole
-        expert per linear."""
-        layers = len({s.block for s in sites})
-        least = cls.__dataclass_fields__["top_k"].default
-        return [{"r": r, "experts_per_layer": spread(total, layers)}
-                for r in range(1, 17) for total in range(least * layers, 16 * layers + 1)]
-
-    @classmethod
-    def budget_order(cls, values: dict[str, Any], count: int, target: int) -> tuple[float, ...]:
-        """A mixture's order (:func:`~lorafam_nb.moe.layers.mixture_budget_order`) with the mean expert count."""
-        counts = values["experts_per_layer"]
-        return mixture_budget_order(cls, {"r": values["r"], "num_experts": sum(counts) / len(counts)}, count, target)
-
-    def experts_at(self, site: Site) -> int:
-        if not self.experts_per_layer:
-            return self.num_experts
-        if site.block is None or site.block >= len(self.experts_per_layer):
-            raise ValueError(f"experts_per_layer has {len(self.experts_per_layer)} entries; {site.name} is in "
-                             f"block {site.block}")
-        return self.experts_per_layer[site.block]
 
     def load_balance(self, routes: list[Route]) -> Tensor:
         """Σ_j N_j Σ_i f_i P_i, each layer j over the routing of all of its linears (f over K·T picks)."""
