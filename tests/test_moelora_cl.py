@@ -8,6 +8,7 @@ the module documents (InfoNCE with the expert as the class, every positive pair 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -241,3 +242,20 @@ def test_budget_matches_lora_r8_on_all_linears(name):
         sized.experts_per_layer[s.block] * (sized.r * (s.d_in + s.d_out) + s.d_in) for s in sites)
     adapted = get_adapter_model(base, sized)
     assert sum(p.numel() for p in adapted.parameters() if p.requires_grad) == budget.closed_form
+
+
+def test_the_grids_matched_config_trains_with_unequal_expert_counts():
+    """The budget match spreads experts unequally over layers ([5, 5, 5, 6, 6, 6] on MiniLM): the load-balance
+    term pools each expert count's linears, and a whole training step runs (the grid and the benchmark do this)."""
+    from lorafam_nb.grid import match_budget, method_sites, model_shape
+    shape = model_shape("minilm")
+    budget = match_budget(MoELoRAConfig, method_sites(MoELoRAConfig, shape), 331_776)
+    assert len(set(budget.values["experts_per_layer"])) > 1
+    targets = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+    config = MoELoRAConfig.sized(budget.values, targets, modules_to_save=["classifier"])
+    config = dataclasses.replace(config, experts_per_layer=[3, 4])  # tiny_bert's two blocks, unequal as well
+    model = get_adapter_model(tiny_bert(), config)
+    out = model(input_ids=torch.randint(1, 100, (2, 9)), labels=torch.tensor([0, 1]))
+    terms = model.aux_losses()
+    assert set(terms) >= {"load_balance"} and all(torch.isfinite(v) for v in terms.values())
+    (out.loss + sum(terms.values())).backward()

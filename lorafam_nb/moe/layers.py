@@ -309,6 +309,14 @@ class LayerwiseTopKConfig(TopKLinearConfig):
         counts = values["experts_per_layer"]
         return mixture_budget_order(cls, {"r": values["r"], "num_experts": sum(counts) / len(counts)}, count, target)
 
+    def load_balance(self, routes: list[Route]) -> Tensor:
+        """The pooled Switch term over the linears that share an expert count, averaged over those groups:
+        layers of unequal counts cannot pool their routing (with one count everywhere this is the pooled term)."""
+        groups: dict[int, list[Route]] = {}
+        for route in routes:
+            groups.setdefault(route.probs.shape[1], []).append(route)
+        return torch.stack([pooled_load_balance(group) for group in groups.values()]).mean()
+
     def experts_at(self, site: Site) -> int:
         if not self.experts_per_layer:
             return self.num_experts
