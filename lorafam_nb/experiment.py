@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .core import AdapterConfig, suffix_match, count_parameters, get_adapter_model
+from .core import AdapterConfig, count_parameters, get_adapter_model, suffix_match
 from .data import load_task, task_info
 from .models import load_model, load_tokenizer, model_spec
 from .tasks import EncodedTask, encode

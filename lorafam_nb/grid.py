@@ -40,8 +40,8 @@ import torch
 from torch import nn
 
 from . import experiment
-from .core import (BUDGET_TOLERANCE, METHOD_PATHS, AdapterConfig, AdapterModel, Site, suffix_match, count_parameters,
-                   import_methods, target_module_names)
+from .core import (BUDGET_TOLERANCE, METHOD_PATHS, AdapterConfig, AdapterModel, Site, count_parameters, import_methods,
+                   suffix_match, target_module_names)
 from .data import load_task
 from .experiment import RunSpec, build_model
 from .lora import LoraConfig
