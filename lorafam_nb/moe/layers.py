@@ -26,7 +26,7 @@ from .experts import Dispatch, LoRAExperts
 from .losses import pooled_load_balance
 from .routers import DenseRouter, Routing, TopKRouter, router_dtype
 
-__all__ = ["MoELinearConfig", "MoELoRALinear", "LayerwiseTopKConfig", "TaskRoutedLayer", "TopKLinearConfig", "merge_task",
+__all__ = ["MoELinearConfig", "MoELoRALinear", "LayerwiseTopKConfig", "PooledLoadBalance", "TaskRoutedLayer", "TopKLinearConfig", "merge_task",
            "mixture_budget_candidates", "mixture_budget_order", "spread"]
 
 PATHS = ("sparse", "dense")
@@ -181,6 +181,24 @@ def mixture_budget_order(cls: type[AdapterConfig], values: dict[str, int], count
             -values[cls.budget_knob])
 
 
+class PooledLoadBalance:
+    """Mixin for a token-routed mixture's config (put first among its bases): one Switch load-balance term,
+    weighted by the config's ``router_aux_loss_coef``, over the routing of every routed layer of a forward
+    pass at once (padding left out). A method that pools otherwise overrides :meth:`load_balance`."""
+
+    def aux_loss_weights(self) -> dict[str, float]:
+        return {"load_balance": self.router_aux_loss_coef}
+
+    def aux_loss_terms(self, context: AdapterContext) -> dict[str, Tensor]:
+        routes = [r for r in context.routes if r.probs.shape[0]]
+        if not routes or self.router_aux_loss_coef == 0:
+            return {}
+        return {"load_balance": self.load_balance(routes)}
+
+    def load_balance(self, routes: list[Route]) -> Tensor:
+        return pooled_load_balance(routes)
+
+
 @dataclass
 class MoELinearConfig(AdapterConfig):
     """What every mixture of LoRA experts on single linears shares (not a method itself): the experts'
@@ -237,7 +255,7 @@ class MoELinearConfig(AdapterConfig):
 
 
 @dataclass
-class TopKLinearConfig(MoELinearConfig):
+class TopKLinearConfig(PooledLoadBalance, MoELinearConfig):
     """A token-routed mixture on single linears (MoLA, MoRAL): each token's ``top_k`` experts by a router
     on the linear's input, and a Switch load-balance term weighted by ``router_aux_loss_coef``, over the
     routing of all adapted linears at once (:meth:`load_balance`; a method may pool it otherwise)."""
@@ -260,17 +278,6 @@ class TopKLinearConfig(MoELinearConfig):
         w = site.module.weight
         return TopKRouter(site.d_in, num_experts, self.top_k, dtype=router_dtype(w.dtype), device=w.device)
 
-    def aux_loss_weights(self) -> dict[str, float]:
-        return {"load_balance": self.router_aux_loss_coef}
-
-    def aux_loss_terms(self, context: AdapterContext) -> dict[str, Tensor]:
-        routes = [r for r in context.routes if r.probs.shape[0]]
-        if not routes or self.router_aux_loss_coef == 0:
-            return {}
-        return {"load_balance": self.load_balance(routes)}
-
-    def load_balance(self, routes: list[Route]) -> Tensor:
-        return pooled_load_balance(routes)
 
 
 def spread(total: int, num_layers: int) -> list[int]:

@@ -37,13 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import AdapterConfig, AdapterContext, AdapterLayer, AdapterModel, AdapterScope, MethodCard, Site, \
+from ..core import AdapterConfig, AdapterLayer, AdapterModel, AdapterScope, MethodCard, Site, \
     register_method, site_of, target_module_names, require_positive_ints
 from ..lora import LoRALinear
 from ..models import FeedForward, ffn_blocks
 from .experts import LoRAExperts
-from .layers import PATHS, mixture_budget_candidates, mixture_budget_order
-from .losses import pooled_load_balance
+from .layers import PATHS, PooledLoadBalance, mixture_budget_candidates, mixture_budget_order
 from .routers import TopKRouter, router_dtype
 
 __all__ = ["MixLoraConfig", "MixLoRAFFN", "authors_model", "load_mixlora", "mixlora_config", "save_mixlora"]
@@ -113,7 +112,7 @@ class MixLoRAFFN(AdapterLayer):
 
 @register_method
 @dataclass
-class MixLoraConfig(AdapterConfig):
+class MixLoraConfig(PooledLoadBalance, AdapterConfig):
     """MixLoRA's hyperparameters (the authors' names): ``num_experts`` E, ``top_k`` k, the experts' and the
     attention LoRAs' rank ``r``, ``lora_alpha`` and ``lora_dropout``, ``router_aux_loss_coef`` a,
     ``router_init_range`` (std of W_r) and ``jitter_noise`` ε. ``target_modules`` names the linears that
@@ -190,13 +189,6 @@ class MixLoraConfig(AdapterConfig):
     def budget_order(cls, values: dict[str, int], count: int, target: int) -> tuple[float, ...]:
         return mixture_budget_order(cls, values, count, target)
 
-    def aux_loss_weights(self) -> dict[str, float]:
-        return {"load_balance": self.router_aux_loss_coef}
-
-    def aux_loss_terms(self, context: AdapterContext) -> dict[str, Tensor]:
-        """One load-balance term over the routing of every layer, concatenated (not a per-layer sum)."""
-        routes = [r for r in context.routes if r.probs.shape[0]]
-        return {"load_balance": pooled_load_balance(routes)} if routes else {}
 
 
 # --- the authors' on-disk format (the `mixlora` package: adapter_config.json + adapter_model.bin) -------

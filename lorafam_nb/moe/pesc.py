@@ -34,11 +34,10 @@ from typing import ClassVar
 
 from torch import Tensor, nn
 
-from ..core import AdapterConfig, AdapterContext, AdapterLayer, AdapterScope, MethodCard, Site, register_method, require_positive_ints
+from ..core import AdapterConfig, AdapterLayer, AdapterScope, MethodCard, Site, register_method, require_positive_ints
 from ..models import FeedForward, ffn_blocks
 from .experts import BottleneckAdapters, Dispatch
-from .layers import PATHS, mixture_budget_candidates, mixture_budget_order
-from .losses import pooled_load_balance
+from .layers import PATHS, PooledLoadBalance, mixture_budget_candidates, mixture_budget_order
 from .routers import TopKRouter, router_dtype
 
 __all__ = ["PESCConfig", "PESCFFN"]
@@ -86,7 +85,7 @@ class PESCFFN(AdapterLayer):
 
 @register_method
 @dataclass
-class PESCConfig(AdapterConfig):
+class PESCConfig(PooledLoadBalance, AdapterConfig):
     """PESC's hyperparameters (the authors' names where they have one): ``num_experts`` n, ``top_k`` k,
     ``adapter_dim`` b, ``moe_scaling`` s, ``adapter_dropout`` and ``router_aux_loss_coef`` α. The sites are
     every FFN block (:func:`~lorafam_nb.models.ffn_blocks`, BERT and Llama layouts); ``target_modules`` is
@@ -150,12 +149,3 @@ class PESCConfig(AdapterConfig):
     def budget_order(cls, values: dict[str, int], count: int, target: int) -> tuple[float, ...]:
         return mixture_budget_order(cls, values, count, target)
 
-    def aux_loss_weights(self) -> dict[str, float]:
-        return {"load_balance": self.router_aux_loss_coef}
-
-    def aux_loss_terms(self, context: AdapterContext) -> dict[str, Tensor]:
-        """One Switch term over the routing of every FFN block at once (padding left out)."""
-        routes = [r for r in context.routes if r.probs.shape[0]]
-        if not routes or self.router_aux_loss_coef == 0:
-            return {}
-        return {"load_balance": pooled_load_balance(routes)}
