@@ -34,7 +34,7 @@ from torch import nn
 from .core import AdapterConfig, count_parameters, get_adapter_model, import_methods
 from .data import task_info
 from .experiment import train_head_only
-from .grid import ModelShape, closed_form_count, match_budget, method_sites, model_shape
+from .grid import ModelShape, match_budget, method_sites, model_shape, reference_count
 from .lora import LoraConfig
 from .models import MODELS, load_model
 from .tasks import EncodedTask
@@ -220,8 +220,7 @@ def method_config(cls: type[AdapterConfig], r: int, steps: int = 10, shape: Mode
     ``steps``), so that every setup trains about as many parameters as LoRA and runs its per-step hooks.
     ``shape``: MiniLM's :func:`~lorafam_nb.grid.model_shape`, when the caller has it already."""
     shape = shape or model_shape("minilm")
-    target = closed_form_count(LoraConfig(r=r), method_sites(LoraConfig, shape))
-    budget = match_budget(cls, method_sites(cls, shape), target)
+    budget = match_budget(cls, method_sites(cls, shape), reference_count(shape, r))
     return cls.sized(budget.values, TARGETS, steps, modules_to_save=HEAD)
 
 

@@ -51,7 +51,7 @@ from .trainer import TrainConfig
 __all__ = [
     "MIX", "PROFILES", "REFERENCE_MODELS", "TASKS", "Budget", "GridReport", "GridRun", "ModelSettings",
     "Profile", "budget_table", "comparison_table", "default_results_dir", "execute", "load_results",
-    "match_budget", "model_shape", "multitask_table", "plan", "run_grid",
+    "match_budget", "reference_count", "model_shape", "multitask_table", "plan", "run_grid",
 ]
 
 TASKS = ("arc_e", "arc_c", "boolq", "obqa", "piqa")  # the reference table's columns, in its order
@@ -184,6 +184,11 @@ def closed_form_count(config: AdapterConfig, sites: Sequence[Site]) -> int:
     return config.model_parameters(list(sites))
 
 
+def reference_count(shape: ModelShape, rank: int) -> int:
+    """LoRA's trainable count at ``rank`` on ``shape``'s linears: the budget every method is matched to."""
+    return closed_form_count(LoraConfig(r=rank), method_sites(LoraConfig, shape))
+
+
 def match_budget(cls: type[AdapterConfig], sites: Sequence[Site], target: int) -> Budget:
     """The size settings (:meth:`~lorafam_nb.core.AdapterConfig.budget_candidates`) whose closed-form count
     is best for ``target`` by the method's own order (:meth:`~lorafam_nb.core.AdapterConfig.budget_order`):
@@ -271,7 +276,7 @@ def plan(profile: Profile | str, seed: int = 0) -> list[GridRun]:
     runs = []
     for model, settings in models.items():
         shape = model_shape(model)
-        target = closed_form_count(LoraConfig(r=profile.reference_rank), method_sites(LoraConfig, shape))
+        target = reference_count(shape, profile.reference_rank)
         budgets = {m: match_budget(registry[m], method_sites(registry[m], shape), target) for m in methods}
         steps = {task: _steps(tasks, settings) for task, tasks in cells}
         for method in methods:

@@ -141,3 +141,11 @@ def assert_mixture_gradients(model: AdapterModel, **inputs: Any) -> None:
                 for t in ("router.weight", "experts.lora_A", "experts.lora_B")}
     expected |= {n for n in trainable if ".classifier." in n}
     assert got == trainable == expected
+
+
+def layer_io(model: AdapterModel) -> dict[str, list[torch.Tensor]]:
+    """Hook every adapter layer of ``model``: per layer, its input and output of each forward, in order."""
+    seen: dict[str, list[torch.Tensor]] = {}
+    for name, layer in model.adapter_layers().items():
+        layer.register_forward_hook(lambda mod, args, out, name=name: seen.setdefault(name, []).extend((args[0], out)))
+    return seen

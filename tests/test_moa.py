@@ -10,7 +10,7 @@ import dataclasses
 import pytest
 import torch
 
-from conftest import tiny_bert
+from conftest import layer_io, tiny_bert
 from lorafam_nb import get_adapter_model, grid, multitask
 from lorafam_nb.core import AdapterModel
 from lorafam_nb.experiment import RunSpec, build_model, run, training_set
@@ -40,13 +40,6 @@ def moa_model(ranks=(1, 3, 2), **fields) -> tuple[torch.nn.Module, AdapterModel]
         for layer in model.adapter_layers().values():
             layer.experts.lora_B.normal_(0, 0.3)
     return base, model
-
-
-def layer_io(model: AdapterModel) -> dict[str, list[torch.Tensor]]:
-    seen: dict[str, list[torch.Tensor]] = {}
-    for name, layer in model.adapter_layers().items():
-        layer.register_forward_hook(lambda mod, args, out, name=name: seen.setdefault(name, []).extend((args[0], out)))
-    return seen
 
 
 def by_hand(model: AdapterModel, seen, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -294,7 +287,7 @@ def shapes():
 def test_budget_matches_lora_r8_with_the_router_counted(shapes, model, ranks, count):
     shape = shapes[model]
     sites = grid.method_sites(MoAConfig, shape)
-    target = grid.closed_form_count(LoraConfig(r=8), grid.method_sites(LoraConfig, shape))
+    target = grid.reference_count(shape, 8)
     budget = grid.match_budget(MoAConfig, sites, target)
     assert budget.values == {"r": 2, "num_experts": 5, "ranks": ranks}
     assert budget.closed_form == count and budget.matched

@@ -200,9 +200,8 @@ def test_gate_entropy():
 @pytest.mark.parametrize("model_name", ["minilm", "smollm2-135m"])
 def test_budget_matches_lora_r8_on_all_linears(model_name):
     from lorafam_nb import grid
-    from lorafam_nb.lora import LoraConfig
     shape = grid.model_shape(model_name)
-    target = LoraConfig(r=8).model_parameters(grid.method_sites(LoraConfig, shape))
+    target = grid.reference_count(shape, 8)
     budget = grid.match_budget(MOELoRAConfig, grid.method_sites(MOELoRAConfig, shape), target)
     assert budget.matched and budget.values == {"r": 1, "num_experts": 8}
     cfg = MOELoRAConfig.sized(budget.values, shape.targets)

@@ -11,7 +11,7 @@ import dataclasses
 import pytest
 import torch
 
-from conftest import tiny_bert, toy_task
+from conftest import layer_io, tiny_bert, toy_task
 from lorafam_nb import get_adapter_model, grid, multitask
 from lorafam_nb.core import AdapterModel
 from lorafam_nb.experiment import build_model, run
@@ -41,13 +41,6 @@ def mole_model(ranks=(1, 3, 2), tau: float = 1.7, **fields) -> tuple[torch.nn.Mo
             gate.e.normal_(0, 0.2)
             gate.temperature.fill_(tau)
     return base, model
-
-
-def layer_io(model: AdapterModel) -> dict[str, list[torch.Tensor]]:
-    seen: dict[str, list[torch.Tensor]] = {}
-    for name, layer in model.adapter_layers().items():
-        layer.register_forward_hook(lambda mod, args, out, name=name: seen.setdefault(name, []).extend((args[0], out)))
-    return seen
 
 
 def gate_by_hand(layer, x: torch.Tensor, mask: torch.Tensor, masked=()) -> torch.Tensor:
@@ -260,7 +253,7 @@ def shapes():
 ])
 def test_budget_matches_lora_r8_with_the_gates_counted(shapes, model, values, count):
     shape = shapes[model]
-    target = grid.closed_form_count(LoraConfig(r=8), grid.method_sites(LoraConfig, shape))
+    target = grid.reference_count(shape, 8)
     budget = grid.match_budget(MoLEConfig, grid.method_sites(MoLEConfig, shape), target)
     assert budget.values == values and budget.closed_form == count and budget.matched
     if model == "minilm":  # the injected model trains exactly the closed form (both stages' parameters)

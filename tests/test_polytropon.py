@@ -295,9 +295,8 @@ def test_allocation_heatmap_and_entropy():
 @pytest.mark.parametrize("model_name", ["minilm", "smollm2-135m"])
 def test_budget_matches_lora_r8_on_all_linears(model_name):
     from lorafam_nb import grid
-    from lorafam_nb.lora import LoraConfig
     shape = grid.model_shape(model_name)
-    target = LoraConfig(r=8).model_parameters(grid.method_sites(LoraConfig, shape))
+    target = grid.reference_count(shape, 8)
     budget = grid.match_budget(PolytroponConfig, grid.method_sites(PolytroponConfig, shape), target)
     assert budget.matched and budget.values == {"r": 2, "n_skills": 4}
     cfg = PolytroponConfig.sized(budget.values, shape.targets)
