@@ -130,15 +130,17 @@ def mixture_layer(config: AdapterConfig, d_in: int = 12, d_out: int = 10):
     return layer
 
 
-def assert_mixture_gradients(model: AdapterModel, **inputs: Any) -> None:
-    """One backward of the task loss plus the auxiliary losses reaches exactly what a mixture on single
-    linears trains: every layer's router and experts, and the classifier head; nothing else."""
+def assert_mixture_gradients(model: AdapterModel,
+                             tensors: tuple[str, ...] = ("router.weight", "experts.lora_A", "experts.lora_B"),
+                             **inputs: Any) -> None:
+    """One backward of the task loss plus the auxiliary losses reaches exactly what a mixture trains: every
+    layer's router and experts (``tensors``, by default a mixture of LoRA experts on single linears), and
+    the classifier head; nothing else."""
     out = model(**inputs)
     (out.loss + model.aux_loss()).backward()
     got = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    expected = {f"model.{site}.{t}" for site in model.adapter_layers()
-                for t in ("router.weight", "experts.lora_A", "experts.lora_B")}
+    expected = {f"model.{site}.{t}" for site in model.adapter_layers() for t in tensors}
     expected |= {n for n in trainable if ".classifier." in n}
     assert got == trainable == expected
 
@@ -149,3 +151,21 @@ def layer_io(model: AdapterModel) -> dict[str, list[torch.Tensor]]:
     for name, layer in model.adapter_layers().items():
         layer.register_forward_hook(lambda mod, args, out, name=name: seen.setdefault(name, []).extend((args[0], out)))
     return seen
+
+
+def assert_sparse_equals_dense(sparse: AdapterModel, **inputs: Any) -> None:
+    """The sparse dispatch and the dense path of a top-k mixture give the same logits and the same gradient
+    for every trainable tensor (task loss plus auxiliary losses); ``sparse`` runs every layer sparse."""
+    dense = copy.deepcopy(sparse)
+    for layer in dense.adapter_layers().values():
+        layer.path = "dense"
+    outs = []
+    for m in (sparse, dense):
+        out = m(**inputs)
+        (out.loss + m.aux_loss()).backward()
+        outs.append(out.logits)
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=0)
+    grads = [{n: p.grad for n, p in m.named_parameters() if p.requires_grad} for m in (sparse, dense)]
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=0)

@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 
-from conftest import assert_mixture_gradients, mixture_layer, tiny_bert
+from conftest import assert_mixture_gradients, assert_sparse_equals_dense, mixture_layer, tiny_bert
 from lorafam_nb import get_adapter_model
 from lorafam_nb.core import block_index
 from lorafam_nb.models import load_model
@@ -70,20 +70,7 @@ def test_sparse_path_equals_dense_path_forward_and_grads():
     sparse = get_adapter_model(tiny_bert(), cfg).eval()
     assert all(layer.path == "sparse" for layer in sparse.adapter_layers().values())
     _randomise_b(sparse)
-    dense = copy.deepcopy(sparse)
-    for layer in dense.adapter_layers().values():
-        layer.path = "dense"
-    labels = torch.tensor([0, 1, 1, 0])
-    outs = []
-    for model in (sparse, dense):
-        out = model(input_ids=X, attention_mask=MASK, labels=labels)
-        (out.loss + model.aux_loss()).backward()
-        outs.append(out.logits)
-    torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=0)
-    grads = [{n: p.grad for n, p in m.named_parameters() if p.requires_grad} for m in (sparse, dense)]
-    assert grads[0].keys() == grads[1].keys()
-    for name in grads[0]:
-        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=0)
+    assert_sparse_equals_dense(sparse, input_ids=X, attention_mask=MASK, labels=torch.tensor([0, 1, 1, 0]))
 
 
 def test_init_equals_base_model_bert_and_llama():

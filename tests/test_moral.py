@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import assert_mixture_gradients, mixture_layer, tiny_bert
+from conftest import assert_mixture_gradients, assert_sparse_equals_dense, mixture_layer, tiny_bert
 from lorafam_nb import get_adapter_model
 from lorafam_nb.experiment import RunSpec, encode_task, run
 from lorafam_nb.moe.moral import LifelongResult, MoRALConfig, backward_transfer, lifelong
@@ -54,18 +54,7 @@ def test_init_equals_base_and_sparse_equals_dense():
         torch.testing.assert_close(model(input_ids=X, attention_mask=MASK).logits,
                                    base(input_ids=X, attention_mask=MASK).logits, atol=0, rtol=0)
     _randomise_b(model)
-    dense = copy.deepcopy(model)
-    for layer in dense.adapter_layers().values():
-        layer.path = "dense"
-    outs = []
-    for m in (model, dense):
-        out = m(input_ids=X, attention_mask=MASK, labels=torch.tensor([0, 1, 1, 0]))
-        (out.loss + m.aux_loss()).backward()
-        outs.append(out.logits)
-    torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=0)
-    for (n, p), (_, q) in zip(model.named_parameters(), dense.named_parameters()):
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=0)
+    assert_sparse_equals_dense(model, input_ids=X, attention_mask=MASK, labels=torch.tensor([0, 1, 1, 0]))
 
 
 def test_aux_loss_is_switch_balance_over_all_linears():

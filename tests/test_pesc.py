@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel
 
-from conftest import tiny_bert, toy_task
+from conftest import assert_mixture_gradients, assert_sparse_equals_dense, tiny_bert, toy_task
 from lorafam_nb import get_adapter_model, grid
 from lorafam_nb.core import AdapterModel
 from lorafam_nb.lora import LoraConfig
@@ -102,18 +102,7 @@ def test_layer_equals_top2_mixture_written_out_per_token(arch, path):
 def test_sparse_path_equals_dense_path_forward_and_grads():
     model = perturb(get_adapter_model(tiny_bert(), PESCConfig(num_experts=4, adapter_dim=4, adapter_dropout=0.0,
                                                               path="sparse", modules_to_save=HEAD))).eval()
-    dense = copy.deepcopy(model)
-    for layer in dense.adapter_layers().values():
-        layer.path = "dense"
-    outs = []
-    for m in (model, dense):
-        out = m(input_ids=X, attention_mask=MASK, labels=torch.tensor([0, 1, 1, 0]))
-        (out.loss + m.aux_loss()).backward()
-        outs.append(out.logits)
-    torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=0)
-    grads = [{n: p.grad for n, p in m.named_parameters() if p.requires_grad} for m in (model, dense)]
-    for name in grads[0]:
-        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=0)
+    assert_sparse_equals_dense(model, input_ids=X, attention_mask=MASK, labels=torch.tensor([0, 1, 1, 0]))
 
 
 @pytest.mark.parametrize("arch", ["bert", "llama"])
@@ -163,14 +152,8 @@ def test_load_balance_equals_switch_formula_over_all_layers():
 
 def test_gradients_reach_exactly_routers_adapters_and_head():
     model = perturb(get_adapter_model(tiny_bert(), PESCConfig(num_experts=4, adapter_dim=4, modules_to_save=HEAD)))
-    out = model(input_ids=X, attention_mask=MASK, labels=torch.tensor([0, 1, 0, 1]))
-    (out.loss + model.aux_loss()).backward()
-    got = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    expected = {f"model.{site}.{t}" for site in model.adapter_layers()
-                for t in ("router.weight", "experts.down", "experts.up")}
-    expected |= {n for n in trainable if ".classifier." in n}
-    assert got == trainable == expected
+    assert_mixture_gradients(model, ("router.weight", "experts.down", "experts.up"),
+                             input_ids=X, attention_mask=MASK, labels=torch.tensor([0, 1, 0, 1]))
 
 
 def test_recorder_counts_two_experts_per_real_token():
