@@ -6,9 +6,10 @@ never touches the pretrained :math:`W`. Delta-LoRA also moves :math:`W`, without
 state for it: after the optimizer has turned :math:`(A^{(t)}, B^{(t)})` into :math:`(A^{(t+1)}, B^{(t+1)})`,
 
     Δ_AB^(t) = s · (B^(t+1) A^(t+1) − B^(t) A^(t)),        s = α / r
-    W^(t+1)  = W^(t) + λ · Δ_AB^(t)    if t ≥ K,    W^(t+1) = W^(t) otherwise
+    W^(t+1)  = W^(t) + λ · Δ_AB^(t)    if t > K,    W^(t+1) = W^(t) otherwise
 
-with update ratio λ and start step K. The forward pass is LoRA's without dropout,
+with update ratio λ and start step K, for optimizer steps t = 0, 1, … as in the paper's Algorithm 1 (the
+first write follows step t = K + 1). The forward pass is LoRA's without dropout,
 ``h = W^(t) x + b + s · B^(t) A^(t) x``: because :math:`W` and :math:`sBA` then see the same input,
 :math:`\\partial L/\\partial W = \\partial L/\\partial (sBA)`, and the change of the product is a free
 surrogate for :math:`W`'s own update. Dropout on the branch would break that identity, so it is refused.
@@ -71,7 +72,7 @@ class BackboneLoRALinear(LoRALinear):
 
 
 class DeltaLoRAUpdate(Callback):
-    """After each optimizer step t ≥ K: ``W ← W + λ s (B^(t+1) A^(t+1) − B^(t) A^(t))``."""
+    """After each optimizer step t > K (Algorithm 1): ``W ← W + λ s (B^(t+1) A^(t+1) − B^(t) A^(t))``."""
 
     def __init__(self, model: AdapterModel, update_ratio: float, start_step: int) -> None:
         self.layers: dict[str, BackboneLoRALinear] = model.adapter_layers()
@@ -80,7 +81,7 @@ class DeltaLoRAUpdate(Callback):
         self._before: dict[str, tuple[Tensor, Tensor]] = {}
 
     def on_after_backward(self, trainer: Trainer) -> None:
-        if trainer.step >= self.start_step:  # trainer.step = t, the number of optimizer steps done
+        if trainer.step > self.start_step:  # trainer.step = t, the number of optimizer steps done
             self._before = {n: (l.lora_A.detach().clone(), l.lora_B.detach().clone()) for n, l in self.layers.items()}
 
     def on_step_end(self, trainer: Trainer) -> None:

@@ -38,9 +38,11 @@ def show_source(*objects: Any) -> Any:
         display(Code(inspect.getsource(obj), language="python"))
 
 
-def table(rows: Sequence[dict[str, Any]], columns: dict[str, str], digits: int = 3) -> Any:
-    """A pandas DataFrame of ``rows`` with ``columns`` renamed {key: header}, floats rounded."""
+def table(rows: Sequence[dict[str, Any]], columns: dict[str, str] | None = None, digits: int = 3) -> Any:
+    """A pandas DataFrame of ``rows`` with ``columns`` renamed {key: header} (default: every key of the first
+    row, as it is), floats rounded."""
     import pandas as pd
 
+    columns = columns or {key: key for key in rows[0]}
     frame = pd.DataFrame([{header: row.get(key) for key, header in columns.items()} for row in rows])
     return frame.round(digits)

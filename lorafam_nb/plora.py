@@ -8,7 +8,9 @@ LoRA on the current backbone, ``h = W^(k-1) x + b + s · B_k A_k drop(x)``, and 
 
     W^(k) = W^(k-1) + s · B_k A_k,     A_{k+1} ~ Kaiming-uniform (as LoRA),  B_{k+1} = 0,
 
-and the optimizer state and the LR schedule (warm-up included) restart for the next stage. The unload
+and the LoRA factors' optimizer state and LR schedule (warm-up included) restart for the next stage. The
+task head (``modules_to_save``) is not part of the low-rank stage: its Adam moments and its LR schedule run
+on over the whole run, so a stage end does not send it through a second warm-up. The unload
 does not change the function (the product moves from the branch into ``W``); after :math:`S` stages
 
     W^(S) − W_0 = s · Σ_k B_k A_k,     rank ≤ min(S r, d_in, d_out),
@@ -40,9 +42,9 @@ from torch import nn
 from .core import AdapterModel, MethodCard, register_method
 from .delta_lora import BackboneLoRALinear, add_to_backbone
 from .lora import LoraConfig
-from .trainer import Callback, Trainer
+from .trainer import Callback, Trainer, lr_lambda
 
-__all__ = ["PLoRALinear", "PLoraConfig", "PeriodicUnload"]
+__all__ = ["PLoRALinear", "PLoraConfig", "PeriodicUnload", "lora_factors"]
 
 
 class PLoRALinear(BackboneLoRALinear):
@@ -64,17 +66,47 @@ class PLoRALinear(BackboneLoRALinear):
             self.lora_B.mul_(1 - momentum)
 
 
+def lora_factors(model: AdapterModel) -> list[nn.Parameter]:
+    """Every layer's ``lora_A`` and ``lora_B``: what a hard unload restarts."""
+    return [p for layer in model.adapter_layers().values() for p in (layer.lora_A, layer.lora_B)]
+
+
 class PeriodicUnload(Callback):
-    """Unloads every layer after each ``unload_every`` optimizer steps (except the last step of the run)."""
+    """Unloads every layer after each ``unload_every`` optimizer steps (except the last step of the run).
+
+    With hard unloads the LoRA factors' parameter group runs its LR schedule over the current stage
+    (``stage``: first step and length, checkpointed), and a stage end clears only the factors' Adam state;
+    the other groups (the task head) keep their moments and the trainer's whole-run schedule."""
 
     def __init__(self, model: AdapterModel, unload_every: int, momentum: float | None) -> None:
         self.layers: dict[str, PLoRALinear] = model.adapter_layers()
+        self.factors = lora_factors(model)
         self.unload_every, self.momentum = unload_every, momentum
+        self.stage: tuple[int, int] | None = None
+
+    def stage_factor(self, trainer: Trainer, step: int) -> float:
+        """The factors' LR multiplier at ``step``: the trainer's schedule, restarted at the stage's first step."""
+        start, length = self.stage
+        cfg = trainer.config
+        return lr_lambda(cfg.schedule, int(cfg.warmup_ratio * length), length)(step - start)
+
+    def factor_groups(self, trainer: Trainer) -> list[int]:
+        ids = {id(p) for p in self.factors}
+        return [i for i, g in enumerate(trainer.optimizer.param_groups) if ids & {id(p) for p in g["params"]}]
+
+    def start_stage(self, trainer: Trainer) -> None:
+        """The factors' groups get the current stage's LR now (the scheduler applies it from the next step)."""
+        for i in self.factor_groups(trainer):
+            trainer.optimizer.param_groups[i]["lr"] = trainer.scheduler.base_lrs[i] * self.stage_factor(trainer, trainer.step)
 
     def on_train_begin(self, trainer: Trainer) -> None:
-        # Hard resets: the first stage gets the per-stage schedule too (on resume the window is restored).
-        if self.momentum is None and trainer.step == 0:
-            trainer.restart_schedule(min(self.unload_every, trainer.total_steps))
+        if self.momentum is not None:
+            return
+        if self.stage is None:  # a fresh run; on resume the checkpointed stage is restored
+            self.stage = (trainer.step, min(self.unload_every, trainer.total_steps - trainer.step))
+        for i in self.factor_groups(trainer):
+            trainer.scheduler.lr_lambdas[i] = lambda step: self.stage_factor(trainer, step)
+        self.start_stage(trainer)
 
     def on_step_end(self, trainer: Trainer) -> None:
         if trainer.step % self.unload_every or trainer.step >= trainer.total_steps:
@@ -84,8 +116,18 @@ class PeriodicUnload(Callback):
         for layer in self.layers.values():
             layer.unload(self.momentum, generator)
         if self.momentum is None:
-            # Stale Adam moments would mean nothing for the new A, B = 0; the schedule warms up again.
-            trainer.restart_schedule(min(self.unload_every, trainer.total_steps - trainer.step))
+            # Stale Adam moments would mean nothing for the new A, B = 0, so they go and the factors warm up
+            # again; the head's moments still describe the head, which the unload did not change.
+            for p in self.factors:
+                trainer.optimizer.state.pop(p, None)
+            self.stage = (trainer.step, min(self.unload_every, trainer.total_steps - trainer.step))
+            self.start_stage(trainer)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stage": self.stage}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stage = tuple(state["stage"]) if state["stage"] else None
 
 
 @register_method
@@ -120,6 +162,13 @@ class PLoraConfig(LoraConfig):
         if self.momentum is not None and not 0 < self.momentum < 1:
             # μ = 1 would zero both factors for good (no gradient reaches A or B when both are 0).
             raise ValueError(f"momentum must be None (hard unload) or in (0, 1), got {self.momentum}")
+
+    def param_groups(self, model: AdapterModel, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        """The LoRA factors apart from the rest (the task head): only their state and schedule restart."""
+        factors = {id(p) for p in lora_factors(model)}
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        split = ([p for p in trainable if id(p) in factors], [p for p in trainable if id(p) not in factors])
+        return [{"params": params, "lr": lr, "weight_decay": weight_decay} for params in split if params]
 
     def make_layer(self, name: str, module: nn.Module) -> PLoRALinear:
         return PLoRALinear(module, self.r, self.lora_alpha, self.lora_dropout, self.scaling())

@@ -80,6 +80,12 @@ def test_init_identity_and_which_parameters_train(bert):
         assert torch.count_nonzero(layer.lora_A.grad) == 0 and torch.count_nonzero(layer.lora_B.grad) == 0
         assert torch.count_nonzero(layer.lora_E.grad) > 0
         assert layer.base_layer.weight.grad is None and not layer.base_layer.weight.requires_grad
+    # The orthogonality regulariser has no factor λ: with it, P and Q do get a gradient at step one.
+    model.zero_grad()
+    RankAllocator(model, model.adapter_config).orthogonality_penalty().backward()
+    for layer in layers.values():
+        assert torch.count_nonzero(layer.lora_A.grad) > 0 and torch.count_nonzero(layer.lora_B.grad) > 0
+        assert layer.lora_E.grad is None or torch.count_nonzero(layer.lora_E.grad) == 0
     # Once Λ ≠ 0 the gradients reach exactly P, Λ, Q and the head.
     model.zero_grad()
     randomise(model)

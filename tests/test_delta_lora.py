@@ -59,18 +59,28 @@ def test_update_equals_lambda_delta_after_real_steps_and_nothing_before_k():
             W_t, A_t, B_t = rec.before[t][name]
             W_next, A_next, B_next = rec.after[t][name]
             assert not torch.equal(B_next, B_t)  # the optimizer did move the factors
-            if t < K:
+            if t <= K:  # Algorithm 1 writes W only for t > K
                 assert torch.equal(W_next, W_t)
             else:
                 expected = lam * s * (B_next @ A_next - B_t @ A_t)
                 assert expected.abs().max() > 1e-5
                 torch.testing.assert_close(W_next - W_t, expected, atol=2e-8, rtol=1e-4)
-    # telescoping: W_T − W_0 = λ s (B_T A_T − B_K A_K) (W_K = W_0)
+    # telescoping: W_T − W_0 = λ s (B_T A_T − B_{K+1} A_{K+1}) (W_{K+1} = W_0)
     for name, layer in model.adapter_layers().items():
-        W_0, A_K, B_K = rec.before[K][name]
+        W_0, A_K, B_K = rec.before[K + 1][name]
         assert torch.equal(W_0, rec.before[0][name][0])
         W_T, A_T, B_T = rec.after[-1][name]
         torch.testing.assert_close(W_T - W_0, lam * s * (B_T @ A_T - B_K @ A_K), atol=1e-7, rtol=1e-4)
+
+
+@pytest.mark.parametrize("K", [0, 3])
+def test_first_write_follows_step_k_plus_one(K):
+    """Algorithm 1 reads t > K: steps t = 0, …, K leave W alone, step t = K + 1 is the first to write it."""
+    model = delta_model(0.5, K)
+    rec = Record(model)
+    Trainer(model, toy_task(), cfg(max_steps=K + 2), callbacks=[rec]).train()
+    changed = [t for t in range(K + 2) if any(not torch.equal(rec.after[t][n][0], rec.before[t][n][0]) for n in rec.layers)]
+    assert changed == [K + 1]
 
 
 def test_w_gets_no_gradient_and_no_optimizer_state_same_memory_as_lora():
@@ -150,9 +160,9 @@ def test_hook_needs_whole_optimizer_steps_with_accumulation():
     lam = 2.0
     model = delta_model(update_ratio=lam, start_step=0)
     rec = Record(model)
-    Trainer(model, toy_task(), cfg(max_steps=3, grad_accum=2), callbacks=[rec]).train()
-    assert len(rec.after) == 3
-    for t in range(3):
+    Trainer(model, toy_task(), cfg(max_steps=4, grad_accum=2), callbacks=[rec]).train()
+    assert len(rec.after) == 4
+    for t in range(1, 4):  # t > K = 0
         for name in rec.layers:
             (W_t, A_t, B_t), (W_n, A_n, B_n) = rec.before[t][name], rec.after[t][name]
             torch.testing.assert_close(W_n - W_t, lam * 2.0 * (B_n @ A_n - B_t @ A_t), atol=2e-8, rtol=1e-4)

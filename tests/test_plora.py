@@ -1,5 +1,5 @@
 """PLoRA: the unload rules (hard and momentum) against dense formulas, stage ends in the trainer (function
-kept, optimizer state cleared, LR restarted), rank of the accumulated update above r, exact resume across
+kept, the LoRA factors' optimizer state cleared and their LR restarted, the head's state and schedule kept), rank of the accumulated update above r, exact resume across
 a stage boundary, save/load, config errors."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from torch import nn
 from conftest import Interrupt, tiny_bert, toy_task
 from lorafam_nb import LoraConfig, get_adapter_model
 from lorafam_nb.core import AdapterConfig, AdapterModel
-from lorafam_nb.plora import PLoraConfig, PLoRALinear
+from lorafam_nb.plora import PLoraConfig, PLoRALinear, lora_factors
 from lorafam_nb.trainer import Callback, TrainConfig, Trainer
 
 X = torch.randint(0, 100, (3, 10))
@@ -68,7 +68,8 @@ def test_momentum_unload_formula():
 
 
 class Probe(Callback):
-    """Logits on a fixed input (eval mode), B norms, optimizer-state size and LR at each step end."""
+    """Logits on a fixed input (eval mode), B norms, optimizer-state size, the head's Adam moments, the LoRA
+    factors' Adam steps and the LR at each step end."""
 
     def __init__(self, model: AdapterModel) -> None:
         self.model, self.rows = model, []
@@ -79,33 +80,42 @@ class Probe(Callback):
             logits = self.model(input_ids=X).logits
         self.model.train()
         B = sum(float(l.lora_B.detach().norm()) for l in self.model.adapter_layers().values())
-        self.rows.append({"logits": logits, "B": B, "state": len(trainer.optimizer.state),
+        state = trainer.optimizer.state
+        head = [p for n, p in self.model.named_parameters() if p.requires_grad and "classifier" in n]
+        self.rows.append({"logits": logits, "B": B, "state": len(state),
+                          "head": [state[p]["exp_avg_sq"].clone() for p in head if p in state],
+                          "lora_steps": [float(state[p]["step"]) if p in state else 0.0 for p in lora_factors(self.model)],
                           "lr": trainer.optimizer.param_groups[0]["lr"], "W": weights(self.model)})
 
 
-def test_stage_end_in_trainer_keeps_function_clears_state_and_restarts_lr():
+def test_stage_end_in_trainer_keeps_function_resets_only_the_lora_state_and_schedule():
     model = plora_model(unload_every=3)
     trainer = Trainer(model, toy_task(), cfg(max_steps=9))
+    groups = trainer.optimizer.param_groups
+    assert [len(g["params"]) for g in groups] == [len(lora_factors(model)), 2]  # the factors; the head
     pre, post = Probe(model), Probe(model)
     trainer.callbacks.insert(0, pre)  # runs after the optimizer step, before the unload
     trainer.callbacks.append(post)  # after the unload
     lrs = []
     trainer.callbacks.append(type("LR", (Callback,), {
-        "on_after_backward": lambda self, t: lrs.append(t.optimizer.param_groups[0]["lr"])})())
+        "on_after_backward": lambda self, t: lrs.append([g["lr"] for g in t.optimizer.param_groups])})())
     w0 = weights(model)
     trainer.train()
     for i, (a, b) in enumerate(zip(pre.rows, post.rows)):
         step = i + 1
         torch.testing.assert_close(b["logits"], a["logits"], atol=1e-5, rtol=1e-5)
-        if step in (3, 6):  # stage ends
-            assert a["B"] > 0 and b["B"] == 0 and a["state"] > 0 and b["state"] == 0
+        assert len(b["head"]) == 2 and all(torch.equal(x, y) for x, y in zip(a["head"], b["head"]))  # head kept
+        if step in (3, 6):  # stage ends: the LoRA factors' state is gone, the head's is the same
+            assert a["B"] > 0 and b["B"] == 0 and a["state"] == len(lora_factors(model)) + 2 and b["state"] == 2
+            assert min(a["lora_steps"]) == 3 and max(b["lora_steps"]) == 0
             assert any(not torch.equal(b["W"][n], a["W"][n]) for n in w0)
         else:  # inside a stage, and the last step (its adapter is kept): nothing is written
-            assert b["B"] == a["B"] and b["state"] == a["state"]
+            assert b["B"] == a["B"] and b["state"] == a["state"] and b["lora_steps"] == a["lora_steps"]
             assert all(torch.equal(b["W"][n], a["W"][n]) for n in w0)
-    # each 3-step stage runs its own schedule: warm-up int(0.34·3) = 1 step, then linear decay
-    stage = [1e-2 * f for f in (1.0, 1.0, 0.5)]
-    assert lrs == pytest.approx(stage * 3)
+    # the factors: each 3-step stage runs its own schedule, warm-up int(0.34·3) = 1 step, then linear decay
+    assert [lr[0] for lr in lrs] == pytest.approx([1e-2 * f for f in (1.0, 1.0, 0.5)] * 3)
+    # the head: one schedule over the 9 steps, warm-up int(0.34·9) = 3 steps, then linear decay over 6
+    assert [lr[1] for lr in lrs] == pytest.approx([1e-2 * f for f in (1 / 3, 2 / 3, 1, 1, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6)])
 
 
 def test_momentum_variant_keeps_optimizer_state_and_schedule():
