@@ -3,7 +3,12 @@ checks of parity with peft that the LoRA-type methods share."""
 from __future__ import annotations
 
 import copy
+import shutil
+import subprocess
+import sys
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -169,3 +174,33 @@ def assert_sparse_equals_dense(sparse: AdapterModel, **inputs: Any) -> None:
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=0)
+
+
+# --- the book, built once per test run (test_book checks the build, test_browser opens its pages) ---
+@dataclass
+class BookBuild:
+    """A strict (``-W -n``) Jupyter Book build of a copy of the book with the committed chapter outputs."""
+
+    root: Path
+    returncode: int
+    log: str  # the tail of the build's output
+
+    @property
+    def html(self) -> Path:
+        return self.root / "_build" / "html"
+
+
+@pytest.fixture(scope="session")
+def built_book(tmp_path_factory) -> BookBuild:
+    # A copy, with the committed (smoke-profile) chapter outputs in place of `make book`'s.
+    repo, root = Path(__file__).resolve().parents[1], tmp_path_factory.mktemp("book")
+    for name in ("_config.yml", "_toc.yml"):
+        shutil.copy(repo / name, root / name)
+    shutil.copytree(repo / "book", root / "book", ignore=shutil.ignore_patterns("chapters", "_build"))
+    (root / "book" / "chapters").mkdir()
+    for notebook in (repo / "notebooks").glob("*.ipynb"):
+        shutil.copy(notebook, root / "book" / "chapters" / notebook.name)
+    jb = Path(sys.executable).with_name("jupyter-book")
+    proc = subprocess.run([str(jb), "build", str(root), "--builder", "html", "-W", "-n", "--keep-going"],
+                          capture_output=True, text=True, timeout=900)
+    return BookBuild(root, proc.returncode, proc.stdout[-4000:] + proc.stderr[-4000:])
