@@ -11,7 +11,9 @@ own runs:
    (:func:`match_budget`). Everything is validated before any training.
 2. :func:`run_grid` trains each cell with the book's ordinary run (:func:`lorafam_nb.experiment.run`)
    and writes one JSON record per cell, named by a hash of the cell's full config. A cell whose file
-   exists is not trained again, so a changed config retrains only the cells it changes.
+   exists is not trained again, so a changed config retrains only the cells it changes. Under a launcher
+   with several processes (``torchrun``, ``accelerate launch``) the cells to train are fanned out: each
+   process trains every N-th one on its own device and writes its records (:mod:`~lorafam_nb.distributed`).
 3. :func:`comparison_table`, :func:`multitask_table` and :func:`budget_table` are built from those
    records alone.
 
@@ -39,14 +41,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import experiment
+from . import distributed, experiment
 from .core import (BUDGET_TOLERANCE, METHOD_PATHS, AdapterConfig, AdapterModel, Site, count_parameters, import_methods,
                    suffix_match, target_module_names)
 from .data import load_task
 from .experiment import RunSpec, build_model
 from .lora import LoraConfig
 from .models import MODELS, load_model
-from .trainer import TrainConfig
+from .trainer import TrainConfig, resolve_device
 
 __all__ = [
     "MIX", "PROFILES", "REFERENCE_MODELS", "TASKS", "Budget", "GridReport", "GridRun", "ModelSettings",
@@ -235,8 +237,9 @@ class GridRun:
 
     def spec(self, config: AdapterConfig, device: str = "auto") -> RunSpec:
         s = self.settings
+        # data_parallel=False: under a launch, each process trains its own cells (run_grid's fan-out).
         train = TrainConfig(lr=s["lr"], epochs=s["epochs"], batch_size=s["batch_size"], grad_accum=s["grad_accum"],
-                            schedule=s["schedule"], device=device, progress=False, log_every=5)
+                            schedule=s["schedule"], device=device, progress=False, log_every=5, data_parallel=False)
         return RunSpec(model=self.model, task=self.tasks[0], mix=self.tasks if self.task == MIX else (),
                        finetune=config, train_n=s["train_n"], eval_n=s["eval_n"], max_length=s["max_length"],
                        protocol=s["protocol"], seed=self.seed, train=train, label=self.method)
@@ -318,6 +321,7 @@ def execute(run: GridRun, device: str = "auto") -> dict[str, Any]:
         "adapter_trained": model.adapter_config.to_dict(),  # after the first stage (LoRA-drop's kept layers)
         "accuracy": out.row["per_task"], "steps": out.row["steps"], "s_per_step": out.row["s_per_step"],
         "wall_s": time.perf_counter() - started, "machine": out.row["machine"], "node": platform.node(),
+        "process": f"{distributed.rank()}/{distributed.world_size()}",
     }
 
 
@@ -350,20 +354,25 @@ class GridReport:
 
 def run_grid(runs: Sequence[GridRun], results_dir: str | Path | None = None, device: str = "auto",
              log: Callable[[str], None] | None = print) -> GridReport:
-    """Train every cell of ``runs`` that has no record in ``results_dir`` yet; returns what happened."""
+    """Train every cell of ``runs`` that has no record in ``results_dir`` yet; returns what happened.
+
+    Under a launch of N processes, each trains every N-th missing cell (``trained``: this process's) and all
+    wait for each other before the records are read back."""
     directory = Path(results_dir) if results_dir is not None else default_results_dir()
-    trained, cached = [], []
-    for i, run in enumerate(runs, 1):
-        path = directory / f"{run.key}.json"
-        if path.exists():
-            cached.append(run.key)
-            continue
+    todo = [run for run in runs if not (directory / f"{run.key}.json").exists()]
+    cached = [run.key for run in runs if run not in todo]
+    if distributed.launched():
+        distributed.init(resolve_device(device))
+        todo = distributed.my_share(todo)
+    trained = []
+    for i, run in enumerate(todo, 1):
         record = execute(run, device)
-        _write_json(path, record)
+        _write_json(directory / f"{run.key}.json", record)
         trained.append(run.key)
         if log:
             acc = " ".join(f"{t}={a:.3f}" for t, a in record["accuracy"].items())
-            log(f"[{i}/{len(runs)}] {run.model} {run.method} {run.task}: {acc} ({record['wall_s']:.1f} s)")
+            log(f"[{i}/{len(todo)}] {run.model} {run.method} {run.task}: {acc} ({record['wall_s']:.1f} s)")
+    distributed.barrier()
     return GridReport(list(runs), trained, cached, load_results(directory, [r.key for r in runs]))
 
 

@@ -14,6 +14,12 @@ Auxiliary losses come through one channel: the adapter's weighted terms of each 
 callbacks' named terms are added to the task loss, and every logged step records each term by name,
 with the routing recorder's summary for mixtures.
 
+Several processes (``torchrun``, ``accelerate launch``): the same loop runs data-parallel, unchanged for
+the caller (:mod:`~lorafam_nb.distributed`): each process computes its shard of every micro-batch and
+the gradients are averaged, so N processes take the steps one process takes on the same global batch;
+only rank 0 writes checkpoints and shows progress. ``precision="bf16"`` runs forward passes under
+bfloat16 autocast (the GPU path; it runs on CPUs too), with parameters and optimizer state in fp32.
+
 Reproducibility: the data order of epoch ``e`` is a permutation drawn from ``seed + e``; a checkpoint
 holds the adapter's whole state (trainable tensors, frozen adapter tensors such as LoRA-FA's ``A``, and
 backbone weights a method rewrites), the optimizer, scheduler, RNG states, callback states and the
@@ -25,6 +31,7 @@ import math
 import os
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from collections.abc import Callable, Iterator
@@ -35,12 +42,14 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from . import distributed
 from .core import AdapterModel
 from .tasks import EncodedTask, batch_to, collate, evaluate, score_batch
 
 __all__ = ["Callback", "TrainConfig", "Trainer", "TrainResult", "lr_lambda", "resolve_device", "set_seed"]
 
 SCHEDULES = ("linear", "cosine", "constant")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # autocast dtype of forward passes (None: off)
 
 
 def set_seed(seed: int) -> None:
@@ -50,8 +59,9 @@ def set_seed(seed: int) -> None:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    """``"auto"``: this process's GPU (its launcher's ``LOCAL_RANK``), else the CPU."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(f"cuda:{distributed.local_rank()}" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
 
@@ -73,11 +83,17 @@ class TrainConfig:
     checkpoint_dir: str | None = None
     checkpoint_every: int | None = None
     device: str = "auto"
+    precision: str = "fp32"  # "bf16": forward passes under bfloat16 autocast
     progress: bool = True
+    # Under a launcher with several processes: split each micro-batch over them (True), or let every
+    # process train on its own (False: the grid's fan-out gives each process its own runs).
+    data_parallel: bool = True
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}")
         for name in ("lr", "batch_size", "grad_accum"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -143,6 +159,9 @@ class Trainer:
             raise ValueError("the training set is empty")
         self.config = config
         self.device = resolve_device(config.device)
+        self.parallel = config.data_parallel and distributed.launched()
+        if self.parallel:
+            distributed.init(self.device)
         self.model = model.to(self.device)
         self.train_task = train_task
         self.eval_tasks = eval_tasks or []
@@ -154,6 +173,10 @@ class Trainer:
         self.trainable = [p for g in groups for p in g["params"]]
         if not self.trainable:
             raise ValueError("the model has no trainable parameters")
+        if self.parallel:  # the same seed gives every process the same start; make sure of it
+            with torch.no_grad():
+                for p in self.trainable:
+                    torch.distributed.broadcast(p.data, src=0)
         self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
         steps_per_epoch = math.ceil(len(train_task) / (config.batch_size * config.grad_accum))
         self.total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
@@ -202,6 +225,9 @@ class Trainer:
         return {names[id(p)]: p.detach().clone() for p in self.trainable}
 
     def save_checkpoint(self) -> None:
+        """Write the checkpoint (rank 0 only, under a data-parallel launch: every process holds the same state)."""
+        if self.parallel and not distributed.is_main():
+            return
         path = Path(self.config.checkpoint_dir) / "checkpoint.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {
@@ -240,10 +266,16 @@ class Trainer:
         return True
 
     # --- loop -------------------------------------------------------------------------------
+    def autocast(self) -> torch.autocast:
+        """The forward passes' autocast context (disabled at fp32)."""
+        dtype = PRECISIONS[self.config.precision]
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
     def evaluate(self) -> dict[str, Any]:
         row: dict[str, Any] = {"step": self.step}
         for task in self.eval_tasks:
-            metrics = evaluate(self.model, task, self.config.eval_batch_size, self.device)
+            with self.autocast():
+                metrics = evaluate(self.model, task, self.config.eval_batch_size, self.device)
             row[task.info.name] = metrics.get("accuracy", metrics.get("pearson"))
         for callback in self.callbacks:
             callback.on_evaluate(self, row)
@@ -253,7 +285,8 @@ class Trainer:
     def _loss_terms(self, examples: list[dict[str, Any]]) -> dict[str, Tensor]:
         """The task loss (``"task"``) and every named auxiliary term of one micro-batch, weighted."""
         batch = batch_to(collate(self.train_task, examples), self.device)
-        loss, scores = score_batch(self.model, self.train_task, batch)
+        with self.autocast():
+            loss, scores = score_batch(self.model, self.train_task, batch)
         self.batch, self.scores = batch, scores  # what extra_loss hooks may read (see Callback.extra_loss)
         terms = {"task": loss}
         if isinstance(self.model, AdapterModel):
@@ -275,15 +308,25 @@ class Trainer:
         cfg = self.config
         total, logged = 0.0, {}
         for _ in range(cfg.grad_accum):
-            terms = self._loss_terms(next(batches))
+            examples, weight = next(batches), 1.0
+            if self.parallel:
+                examples, weight = distributed.shard(examples)
+            with distributed.synced_step() if self.parallel else nullcontext():
+                terms = self._loss_terms(examples)
             loss = torch.stack(list(terms.values())).sum()
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()} at optimizer step {self.step + 1}; run stopped")
-            (loss / cfg.grad_accum).backward()
-            total += loss.item() / cfg.grad_accum
+            (loss * (weight / cfg.grad_accum)).backward()
+            total += loss.item() * weight / cfg.grad_accum
             for name, value in terms.items():
                 if name != "task":
-                    logged[name] = logged.get(name, 0.0) + value.item() / cfg.grad_accum
+                    logged[name] = logged.get(name, 0.0) + value.item() * weight / cfg.grad_accum
+        if self.parallel:  # the step of the whole micro-batch: gradients and logged values averaged
+            distributed.all_reduce_gradients(self.trainable)
+            values = torch.tensor([total, *logged.values()], dtype=torch.float64)
+            torch.distributed.all_reduce(values)
+            total, *rest = (values / distributed.world_size()).tolist()
+            logged = dict(zip(logged, rest))
         for callback in self.callbacks:
             callback.on_after_backward(self)
         if cfg.max_grad_norm:
@@ -308,7 +351,8 @@ class Trainer:
             callback.on_train_begin(self)
         batches = self.micro_batches(self.step)
         # mininterval keeps notebook output (one line per refresh outside a terminal) short.
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not cfg.progress, desc="train",
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train",
+                   disable=not cfg.progress or (self.parallel and not distributed.is_main()),
                    mininterval=5.0)
         first_step, step_seconds = self.step, 0.0
         recorder = self.model.recorder if isinstance(self.model, AdapterModel) else None

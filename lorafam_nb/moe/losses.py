@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ..core import Route
+from ..distributed import global_sum
 
 __all__ = ["cv_squared", "localized_balance", "pooled_load_balance", "router_z_loss", "switch_load_balance"]
 
@@ -29,7 +30,9 @@ def switch_load_balance(probs: Tensor, selected: Tensor) -> Tensor:
     """
     num_experts = probs.shape[-1]
     counts = torch.bincount(selected.reshape(-1), minlength=num_experts).to(probs.dtype)
-    return num_experts * (counts / probs.shape[0] * probs.mean(0)).sum()
+    # Over the whole micro-batch in data-parallel training (a no-op otherwise): F and P are batch statistics.
+    counts, total, tokens = global_sum(counts), global_sum(probs.sum(0)), global_sum(probs.new_tensor(probs.shape[0]))
+    return num_experts * (counts / tokens * total / tokens).sum()
 
 
 def pooled_load_balance(routes: Sequence[Route]) -> Tensor:
