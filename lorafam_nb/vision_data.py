@@ -155,7 +155,7 @@ def sample_images() -> dict[str, np.ndarray]:
     """scikit-image's photographs ``astronaut``, ``chelsea`` (a cat), ``coffee`` and ``rocket``, uint8 RGB,
     downscaled so that the longer side is 256 px."""
     arrays = _arrays("skimage")
-    return {name: arrays[name] for name in SAMPLE_IMAGES}
+    return {name: arrays[name].copy() for name in SAMPLE_IMAGES}  # copies: the loaded arrays are cached
 
 
 # --- exact dense targets from easy-VQA's pure colours ------------------------------------------------------
