@@ -38,10 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from . import distributed, experiment
+from .architectures import meta_model
 from .core import (BUDGET_TOLERANCE, METHOD_PATHS, AdapterConfig, AdapterModel, Site, count_parameters, import_methods,
                    suffix_match, target_module_names)
 from .data import load_task
@@ -141,10 +141,7 @@ def model_shape(model: str) -> ModelShape:
     if model in MODELS:
         base: nn.Module = load_model(model, head="base")
     else:  # hub models: built on the meta device from their config, no weights needed for shapes
-        from transformers import AutoConfig, AutoModel
-
-        with torch.device("meta"):
-            base = AutoModel.from_config(AutoConfig.from_pretrained(model))
+        base = meta_model(model)
     names = target_module_names(base, LoraConfig(target_modules=targets))
     linears = tuple((base.get_submodule(n).in_features, base.get_submodule(n).out_features) for n in names)
     return ModelShape(model, targets, linears, count_parameters(base)[1], base)

