@@ -10,8 +10,9 @@ own runs:
    and shared modules included) best matches LoRA's count at the profile's reference rank
    (:func:`match_budget`). Everything is validated before any training.
 2. :func:`run_grid` trains each cell with the book's ordinary run (:func:`lorafam_nb.experiment.run`)
-   and writes one JSON record per cell, named by a hash of the cell's full config. A cell whose file
-   exists is not trained again, so a changed config retrains only the cells it changes. Under a launcher
+   and writes its record to the results store (:mod:`lorafam_nb.results`), keyed as every run is (the
+   run's inputs, the cell's plan as its context, the code that computes it). A cell whose record exists
+   is not trained again, so a changed config or code retrains only the cells it changes. Under a launcher
    with several processes (``torchrun``, ``accelerate launch``) the cells to train are fanned out: each
    process trains every N-th one on its own device and writes its records (:mod:`~lorafam_nb.distributed`).
 3. :func:`comparison_table`, :func:`multitask_table` and :func:`budget_table` are built from those
@@ -26,13 +27,8 @@ method's sizing rule, run-dependent settings, learning-rate convention and first
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
-import os
 import platform
-import tempfile
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,15 +36,15 @@ from typing import Any
 
 from torch import nn
 
-from . import distributed, experiment
+from . import distributed, experiment, results
 from .architectures import meta_model
 from .core import (BUDGET_TOLERANCE, METHOD_PATHS, AdapterConfig, AdapterModel, Site, count_parameters, import_methods,
                    suffix_match, target_module_names)
 from .data import load_task
-from .experiment import RunSpec, build_model
+from .experiment import RunSpec
 from .lora import LoraConfig
 from .models import MODELS, load_model
-from .trainer import TrainConfig, resolve_device
+from .trainer import Callback, Trainer, TrainConfig, resolve_device
 
 __all__ = [
     "MIX", "PROFILES", "REFERENCE_MODELS", "TASKS", "Budget", "GridReport", "GridRun", "ModelSettings",
@@ -80,6 +76,7 @@ class ModelSettings:
     grad_accum: int = 1
     schedule: str = "linear"
     protocol: str | None = None  # None: RunSpec's choice ("label_token" for the decoder)
+    precision: str = "fp32"  # "bf16": forward passes under bfloat16 autocast (the GPU setting)
 
 
 @dataclass(frozen=True)
@@ -103,9 +100,10 @@ PROFILES: dict[str, Profile] = {
     "book": Profile("book", {"minilm": ModelSettings(128, 150, 48, 16, 1e-3),
                              "smollm2-135m": ModelSettings(16, 32, 96, 8, 5e-4)}),
     # The reference table's setting (its per-run configs): r=80 on all linears, batch 16 as 4 × 4,
-    # constant LR 1e-4, 2 epochs, cutoff 512, whole splits. For a GPU with access to the hub.
+    # constant LR 1e-4, 2 epochs, cutoff 512, whole splits. Sized for one 80 GB GPU: fp32 weights (LLaMA-2-7B:
+    # 27 GB) and bf16 autocast, whose activations at 4 × 512 tokens fit beside them. The weights come from the hub.
     "full": Profile("full", {name: ModelSettings(None, None, 512, 4, 1e-4, epochs=2, grad_accum=4,
-                                                 schedule="constant", protocol="label_token")
+                                                 schedule="constant", protocol="label_token", precision="bf16")
                              for name in REFERENCE_MODELS.values()},
                     reference_rank=80),
 }
@@ -214,7 +212,7 @@ def match_budget(cls: type[AdapterConfig], sites: Sequence[Site], target: int) -
 
 @dataclass(frozen=True)
 class GridRun:
-    """One cell: everything that determines its result. Its :attr:`key` hashes all of it."""
+    """One cell: everything that determines its result. Its :attr:`key` is its record's in the store."""
 
     profile: str
     model: str
@@ -229,14 +227,19 @@ class GridRun:
 
     @property
     def key(self) -> str:
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return results.key_of(self.inputs())
+
+    def inputs(self, facts: Callback | None = None) -> dict[str, Any]:
+        """The cell's run inputs (:func:`lorafam_nb.experiment.run_inputs`), the plan as context."""
+        spec = self.spec(AdapterConfig.from_dict(self.adapter))
+        return experiment.run_inputs(spec, self.profile, [facts or CellFacts()], context=dataclasses.asdict(self))
 
     def spec(self, config: AdapterConfig, device: str = "auto") -> RunSpec:
         s = self.settings
         # data_parallel=False: under a launch, each process trains its own cells (run_grid's fan-out).
         train = TrainConfig(lr=s["lr"], epochs=s["epochs"], batch_size=s["batch_size"], grad_accum=s["grad_accum"],
-                            schedule=s["schedule"], device=device, progress=False, log_every=5, data_parallel=False)
+                            schedule=s["schedule"], device=device, precision=s["precision"], progress=False,
+                            log_every=5, data_parallel=False)
         return RunSpec(model=self.model, task=self.tasks[0], mix=self.tasks if self.task == MIX else (),
                        finetune=config, train_n=s["train_n"], eval_n=s["eval_n"], max_length=s["max_length"],
                        protocol=s["protocol"], seed=self.seed, train=train, label=self.method)
@@ -301,44 +304,45 @@ def adapter_parameters(model: AdapterModel) -> tuple[int, int]:
     return count_parameters(model)[0] - head, head
 
 
+class CellFacts(Callback):
+    """What a cell's record needs from its model once the method's first stage has run (LoRA-drop's probe
+    decides the layers): the real adapter and head counts and the adapter config that trained."""
+
+    record_name = "cell"
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        self.adapter, self.head = adapter_parameters(trainer.model)
+        self.adapter_trained = trainer.model.adapter_config.to_dict()
+
+    def record(self) -> dict[str, Any]:
+        return {"adapter": self.adapter, "head": self.head, "adapter_trained": self.adapter_trained}
+
+
 def execute(run: GridRun, device: str = "auto") -> dict[str, Any]:
-    """Train one cell and return its record (nothing is written)."""
-    started = time.perf_counter()
-    spec = run.spec(AdapterConfig.from_dict(run.adapter), device)
-    model = build_model(spec)  # runs the method's own first stage, if it has one (LoRA-drop's probe)
-    adapter, head = adapter_parameters(model)
-    out = experiment.run(spec, model)
+    """Train one cell and return its record: the store's record of the run, plus the grid's fields."""
+    facts = CellFacts()
+    inputs = run.inputs(facts)
+    # build_model inside run() runs the method's own first stage, if it has one (LoRA-drop's probe).
+    out = experiment.run(run.spec(AdapterConfig.from_dict(run.adapter), device), callbacks=[facts],
+                         profile=run.profile)
+    cell = out.records["cell"]
     return {
-        "key": run.key, "config": dataclasses.asdict(run), "profile": run.profile, "seed": run.seed,
+        **experiment.run_record(out, inputs),
+        "config": dataclasses.asdict(run), "profile": run.profile, "seed": run.seed,
         "model": run.model, "method": run.method, "task": run.task,
-        "data": {"train_n": out.row["train_n"], "eval_n": {t.info.name: len(t) for t in out.trainer.eval_tasks},
+        "data": {"train_n": out.row["train_n"], "eval_n": out.row["per_task_n"],
                  "eval_split": out.row["eval_split"], "protocol": out.row["protocol"]},
-        "params": {"closed_form": run.budget["closed_form"], "real": adapter, "head": head,
+        "params": {"closed_form": run.budget["closed_form"], "real": cell["adapter"], "head": cell["head"],
                    "target": run.budget["target"], "base": run.base_parameters},
-        "adapter_trained": model.adapter_config.to_dict(),  # after the first stage (LoRA-drop's kept layers)
+        "adapter_trained": cell["adapter_trained"],  # after the first stage (LoRA-drop's kept layers)
         "accuracy": out.row["per_task"], "steps": out.row["steps"], "s_per_step": out.row["s_per_step"],
-        "wall_s": time.perf_counter() - started, "machine": out.row["machine"], "node": platform.node(),
+        "wall_s": out.provenance["wall_s"], "machine": out.row["machine"], "node": platform.node(),
         "process": f"{distributed.rank()}/{distributed.world_size()}",
     }
 
 
-def default_results_dir() -> Path:
-    """``$LORAFAM_RESULTS``, else ``results/`` at the repository root."""
-    return Path(os.environ.get("LORAFAM_RESULTS") or Path(__file__).resolve().parents[1] / "results")
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write atomically: an interrupted run never leaves a half-written record that would count as done."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        json.dump(data, f, indent=1)
-    os.replace(f.name, path)
-
-
-def load_results(results_dir: str | Path, keys: Sequence[str]) -> list[dict[str, Any]]:
-    """The records of ``keys`` (missing ones skipped), in the order of ``keys``."""
-    paths = [Path(results_dir) / f"{key}.json" for key in keys]
-    return [json.loads(p.read_text()) for p in paths if p.exists()]
+default_results_dir = results.default_dir  # the grid's records live in the one results store
+load_results = results.read_records
 
 
 @dataclass
@@ -351,26 +355,28 @@ class GridReport:
 
 def run_grid(runs: Sequence[GridRun], results_dir: str | Path | None = None, device: str = "auto",
              log: Callable[[str], None] | None = print) -> GridReport:
-    """Train every cell of ``runs`` that has no record in ``results_dir`` yet; returns what happened.
+    """Train every cell of ``runs`` that has no record in the store at ``results_dir`` (default: the results
+    store, :func:`lorafam_nb.results.default_dir`) yet; returns what happened.
 
     Under a launch of N processes, each trains every N-th missing cell (``trained``: this process's) and all
     wait for each other before the records are read back."""
-    directory = Path(results_dir) if results_dir is not None else default_results_dir()
-    todo = [run for run in runs if not (directory / f"{run.key}.json").exists()]
-    cached = [run.key for run in runs if run not in todo]
+    store = results.Store(results_dir if results_dir is not None else default_results_dir())
+    keys = [run.key for run in runs]
+    todo = [run for run, key in zip(runs, keys) if not store.has(key)]
+    cached = [key for run, key in zip(runs, keys) if run not in todo]
     if distributed.launched():
         distributed.init(resolve_device(device))
         todo = distributed.my_share(todo)
     trained = []
     for i, run in enumerate(todo, 1):
         record = execute(run, device)
-        _write_json(directory / f"{run.key}.json", record)
-        trained.append(run.key)
+        store.put(record)
+        trained.append(record["key"])
         if log:
             acc = " ".join(f"{t}={a:.3f}" for t, a in record["accuracy"].items())
             log(f"[{i}/{len(todo)}] {run.model} {run.method} {run.task}: {acc} ({record['wall_s']:.1f} s)")
     distributed.barrier()
-    return GridReport(list(runs), trained, cached, load_results(directory, [r.key for r in runs]))
+    return GridReport(list(runs), trained, cached, store.records(keys))
 
 
 # --- tables -----------------------------------------------------------------------------------------

@@ -88,9 +88,11 @@ class LoRALinear(AdapterLayer):
 
     def _can_fuse(self) -> bool:
         """The fused GEMM is exact enough only in fp32/fp64 (in bf16/fp16 a small s·BA would be rounded
-        away when added to W0), needs the branch input to equal x (no active dropout) and a frozen base."""
+        away when added to W0, so not under autocast either), needs the branch input to equal x (no active
+        dropout) and a frozen base."""
         base = self.base_layer
         return (base.weight.dtype in (torch.float32, torch.float64) and not base.weight.requires_grad
+                and not torch.is_autocast_enabled(base.weight.device.type)
                 and (base.bias is None or not base.bias.requires_grad)
                 and (isinstance(self.lora_dropout, nn.Identity) or not self.training))
 

@@ -30,6 +30,9 @@ Two 4-bit indices share one byte (the first in the high nibble, as bitsandbytes 
 the bytes this module reports are the bytes it holds. Only the LoRA factors and the head are
 saved: the quantised base is a deterministic function of the base checkpoint and is rebuilt from
 it when an adapter is loaded.
+
+On a GPU with bitsandbytes installed, :func:`to_bitsandbytes` runs the 4-bit base through its CUDA kernels
+instead of this module's de-quantisation in plain PyTorch (the same NF4 codes; a test compares the two).
 """
 from __future__ import annotations
 
@@ -45,7 +48,7 @@ from .lora import LoraConfig, LoRALinear
 
 __all__ = [
     "CODEBOOKS", "NF4_DELTA", "NF4_OFFSET", "Linear4bit", "QLoraConfig", "QLoRALinear", "blockwise_dequantize",
-    "blockwise_quantize", "dynamic_code", "normal_float_code", "pack_4bit", "unpack_4bit",
+    "blockwise_quantize", "dynamic_code", "normal_float_code", "pack_4bit", "to_bitsandbytes", "unpack_4bit",
 ]
 
 NF4_DELTA = 0.5 * (1 / 32 + 1 / 30)
@@ -250,8 +253,9 @@ class QLoRALinear(LoRALinear):
         """
         if not self.merged:
             q = self.base_layer
-            dense = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device=q.w_4bit.device)
-            dense.weight.copy_(q.dequantize() + self.delta_weight())
+            weight = q.dequantize(torch.float32)
+            dense = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device=weight.device)
+            dense.weight.copy_(weight + self.delta_weight())
             if q.bias is not None:
                 dense.bias.copy_(q.bias)
             self.base_layer = dense.requires_grad_(False)
@@ -312,3 +316,50 @@ class QLoraConfig(LoraConfig):
         return QLoRALinear(module, self.r, self.lora_alpha, self.lora_dropout, self.scaling(),
                            quant_type=self.quant_type, blocksize=self.blocksize, double_quant=self.double_quant,
                            dq_blocksize=self.dq_blocksize, compute_dtype=_DTYPES[self.compute_dtype])
+
+
+class BitsAndBytes4bit(nn.Module):
+    """A :class:`Linear4bit`'s weight held and multiplied by bitsandbytes' ``Linear4bit`` (CUDA kernels)."""
+
+    def __init__(self, q: Linear4bit) -> None:
+        import bitsandbytes as bnb
+
+        super().__init__()
+        if q.quant_type not in ("nf4", "fp4") or q.dq_blocksize != 256:
+            raise ValueError(f"bitsandbytes stores nf4 or fp4 with second-level blocks of 256; this layer has "
+                             f"{q.quant_type} with dq_blocksize={q.dq_blocksize}")
+        device = q.w_4bit.device
+        if device.type != "cuda":
+            raise ValueError(f"bitsandbytes' 4-bit kernels need the model on a CUDA device, not {device}")
+        self.in_features, self.out_features, self.quant_type = q.in_features, q.out_features, q.quant_type
+        self.layer = bnb.nn.Linear4bit(q.in_features, q.out_features, bias=q.bias is not None,
+                                       compute_dtype=q.compute_dtype, compress_statistics=q.double_quant,
+                                       quant_type=q.quant_type, device="cpu")
+        # Quantising the de-quantised weight gives back the same 4-bit codes (each block's largest value
+        # sits on the code ±1, so its absmax is kept); the block constants are double-quantised afresh.
+        self.layer.weight = bnb.nn.Params4bit(q.dequantize(torch.float32).cpu(), requires_grad=False,
+                                              quant_type=q.quant_type, compress_statistics=q.double_quant,
+                                              blocksize=q.blocksize)
+        if q.bias is not None:
+            self.layer.bias = nn.Parameter(q.bias.detach().cpu().clone(), requires_grad=False)
+        self.layer.to(device)  # bitsandbytes quantises on the move to the GPU
+        self.bias = self.layer.bias
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        import bitsandbytes as bnb
+
+        weight = self.layer.weight
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layer(x).to(x.dtype)
+
+
+def to_bitsandbytes(model: nn.Module) -> nn.Module:
+    """Move every QLoRA base of ``model`` (already on a CUDA device) onto bitsandbytes' kernels, in place.
+
+    Needs ``pip install bitsandbytes`` and a GPU; the LoRA factors and everything else are untouched."""
+    for module in model.modules():
+        if isinstance(module, QLoRALinear) and isinstance(module.base_layer, Linear4bit):
+            module.base_layer = BitsAndBytes4bit(module.base_layer)
+    return model

@@ -285,17 +285,17 @@ class Trainer:
     def _loss_terms(self, examples: list[dict[str, Any]]) -> dict[str, Tensor]:
         """The task loss (``"task"``) and every named auxiliary term of one micro-batch, weighted."""
         batch = batch_to(collate(self.train_task, examples), self.device)
-        with self.autocast():
+        with self.autocast():  # a term's own forward pass (AdaMix's second one) runs at the same precision
             loss, scores = score_batch(self.model, self.train_task, batch)
-        self.batch, self.scores = batch, scores  # what extra_loss hooks may read (see Callback.extra_loss)
-        terms = {"task": loss}
-        if isinstance(self.model, AdapterModel):
-            terms.update(self.model.aux_losses())
-        for callback in self.callbacks:
-            for name, value in callback.extra_loss(self).items():
-                if name in terms:
-                    raise ValueError(f"two sources add a loss term named {name!r}")
-                terms[name] = value
+            self.batch, self.scores = batch, scores  # what extra_loss hooks may read (see Callback.extra_loss)
+            terms = {"task": loss}
+            if isinstance(self.model, AdapterModel):
+                terms.update(self.model.aux_losses())
+            for callback in self.callbacks:
+                for name, value in callback.extra_loss(self).items():
+                    if name in terms:
+                        raise ValueError(f"two sources add a loss term named {name!r}")
+                    terms[name] = value
         return terms
 
     def _loss(self, examples: list[dict[str, Any]]) -> Tensor:
