@@ -5,6 +5,20 @@ settings) and returns a flat result dict that chapters turn into tables and figu
 ``"head"`` (only the task head trains), ``"full"`` (everything trains) or any
 :class:`~lorafam_nb.core.AdapterConfig`; an adapter config without ``modules_to_save`` gets the
 model's fresh head added, since an untrained head would make any comparison meaningless.
+
+**Reuse.** ``run(spec, store=Store(), profile=...)`` reads a run whose inputs are already recorded from
+the results store (:mod:`lorafam_nb.results`) instead of training it, and records every run it trains.
+A reused :class:`RunOutput` has the row, the training log, the evaluations and what the callbacks
+recorded, but no model and no trainer (``reused`` is True; asking for them raises
+:class:`ReusedRunError`). So a chapter computes what it needs from the model *during* the run, in a
+callback passed to ``run(spec, callbacks=[...])``. A callback may implement:
+
+* ``record(self) -> dict``: JSON-able results, stored in the record (``out.records[name]``, ``name`` being
+  ``record_name`` or the class name); the adapter config's own callbacks (AdaLoRA's rank allocator) too;
+* ``restore(self, data)``: called with what ``record`` returned *after its JSON round trip*, in a fresh run
+  as in a reused one, so the chapter reads the callback the same way in both cases;
+* ``settings(self) -> dict``: what the callback was given, for the key (default: its attributes before the
+  run, which must then be JSON-able). Its class's code is part of the key too.
 """
 from __future__ import annotations
 
@@ -17,13 +31,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed
 from .core import AdapterConfig, count_parameters, get_adapter_model, suffix_match
 from .data import load_task, task_info
 from .models import load_model, load_tokenizer, model_spec
+from .results import Store, code_fingerprint, code_identity, json_value, key_of, provenance
 from .tasks import EncodedTask, encode
-from .trainer import TrainConfig, Trainer, TrainResult, set_seed
+from .trainer import Callback, TrainConfig, Trainer, TrainResult, set_seed
 
-__all__ = ["RunOutput", "RunSpec", "build_model", "describe", "encode_task", "run", "train_head_only", "training_set"]
+__all__ = ["ReusedRunError", "RunOutput", "RunSpec", "build_model", "describe", "encode_task", "run", "run_inputs",
+           "run_record", "spec_from_inputs", "train_head_only", "training_set"]
+
+# TrainConfig fields that do not change a number (display, checkpoint files) or that are hardware (the
+# device, the data-parallel split over processes): left out of the key, kept in the record's provenance.
+NOT_KEYED = ("progress", "checkpoint_dir", "checkpoint_every", "device", "data_parallel")
 
 
 @dataclass
@@ -127,22 +148,140 @@ def describe(finetune: str | AdapterConfig) -> str:
     return f"{finetune.method} " + " ".join(f"{k}={v}" for k, v in fields.items())
 
 
+class ReusedRunError(LookupError):
+    """A reused run (read from the results store) was asked for its model or trainer."""
+
+
 @dataclass
 class RunOutput:
     row: dict[str, Any]  # flat, for tables: label, metric, parameter counts, sizes, timing, machine
     history: list[dict[str, Any]]  # logged training steps
-    model: nn.Module  # the trained model, for checks such as merging
-    trainer: Trainer  # its callbacks hold method state (AdaLoRA's rank allocator, LoRA-drop's scores)
+    evals: list[dict[str, Any]]  # every evaluation: {"step", task: metric, ...}
+    records: dict[str, Any]  # what the callbacks recorded (``record()``), by name
+    provenance: dict[str, Any]  # where, when, how long (see lorafam_nb.results.provenance)
+    trained_model: nn.Module | None = None  # None when reused
+    trained_by: Trainer | None = None  # None when reused
+    key: str | None = None  # the record's key (None: run without a store)
+    reused: bool = False
+
+    def _live(self, what: str) -> Any:
+        value = self.trained_model if what == "model" else self.trained_by
+        if value is None:
+            raise ReusedRunError(
+                f"run {self.key} was read back from the results store, so it has no {what}: compute what you "
+                f"need from it during the run, in a callback with record() (run(spec, callbacks=[...])), or "
+                f"recompute the run (Store(fresh=True), or no store)")
+        return value
+
+    @property
+    def model(self) -> nn.Module:
+        """The trained model, for checks such as merging (a reused run has none: :class:`ReusedRunError`)."""
+        return self._live("model")
+
+    @property
+    def trainer(self) -> Trainer:
+        """The trainer; its callbacks hold method state (a reused run has none: :class:`ReusedRunError`)."""
+        return self._live("trainer")
 
 
-def run(spec: RunSpec, model: nn.Module | None = None) -> RunOutput:
+def _spec_inputs(spec: RunSpec) -> dict[str, Any]:
+    """``spec`` as the key sees it: the seed the trainer uses, the adapter config by its ``to_dict``,
+    without the label and the :data:`NOT_KEYED` training fields."""
+    values = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.name != "label"}
+    train = dataclasses.asdict(dataclasses.replace(spec.train, seed=spec.seed))
+    values["train"] = {k: v for k, v in train.items() if k not in NOT_KEYED}
+    if isinstance(spec.finetune, AdapterConfig):
+        values["finetune"] = spec.finetune.to_dict()
+    return values
+
+
+def _record_name(callback: Callback) -> str:
+    return getattr(callback, "record_name", type(callback).__name__)
+
+
+def _settings(callback: Callback) -> Any:
+    settings = callback.settings() if hasattr(callback, "settings") else vars(callback)
+    try:
+        return json_value(settings)
+    except TypeError as error:
+        raise TypeError(f"{type(callback).__name__}'s settings are not JSON-able ({error}); give it a settings() "
+                        f"method returning what it was given, so that the results store can key the run") from None
+
+
+def run_inputs(spec: RunSpec, profile: str | None, callbacks: list[Callback] = (), context: Any = None,
+               model_given: bool = False) -> dict[str, Any]:
+    """Everything a run's numbers depend on, as JSON: its key is :func:`lorafam_nb.results.key_of` of this.
+
+    ``context``: what else the caller's run depends on, required when the caller built the model itself
+    (``model_given``: how it was built, such as the key of the stage-one run it continues)."""
+    if model_given and context is None:
+        raise ValueError("a run on a model the caller built can be stored only with a context describing how "
+                         "the model was built (for example the key of the run it continues)")
+    classes = [type(c) for c in callbacks]
+    if isinstance(spec.finetune, AdapterConfig):
+        classes.append(type(spec.finetune))
+    modules, foreign = code_identity(classes)
+    known = model_spec(spec.model)
+    code = code_fingerprint({__name__, *modules}, foreign, [known.package] if known else [])
+    return {"spec": _spec_inputs(spec), "profile": profile, "context": json_value(context),
+            "callbacks": [{"name": _record_name(c), "class": f"{type(c).__module__}.{type(c).__qualname__}",
+                           "settings": _settings(c)} for c in callbacks],
+            "code": code}
+
+
+def spec_from_inputs(values: dict[str, Any]) -> RunSpec:
+    """The :class:`RunSpec` a record's ``inputs["spec"]`` describes, to recompute it (no label, progress off,
+    the other unkeyed training fields at their defaults)."""
+    values = dict(values)
+    if not isinstance(values["finetune"], str):
+        values["finetune"] = AdapterConfig.from_dict(values["finetune"])
+    values["train"] = TrainConfig(**values["train"], progress=False)
+    for name in ("mix", "eval_on", "task_ids"):
+        values[name] = tuple(values[name])
+    return RunSpec(**values)
+
+
+def run_record(out: RunOutput, inputs: dict[str, Any]) -> dict[str, Any]:
+    """The store's record of a run: its key and inputs, its results and their provenance."""
+    return {"key": key_of(inputs), "inputs": inputs, "row": out.row, "history": out.history, "evals": out.evals,
+            "callbacks": out.records, "provenance": out.provenance}
+
+
+def _restore(callbacks: list[Callback], records: dict[str, Any]) -> None:
+    for callback in callbacks:
+        if hasattr(callback, "restore") and _record_name(callback) in records:
+            callback.restore(records[_record_name(callback)])
+
+
+def _reused(record: dict[str, Any], spec: RunSpec, callbacks: list[Callback]) -> RunOutput:
+    row = dict(record["row"], label=spec.label or describe(spec.finetune))  # the label is not keyed
+    _restore(callbacks, record["callbacks"])
+    return RunOutput(row, record["history"], record["evals"], record["callbacks"], record["provenance"],
+                     key=record["key"], reused=True)
+
+
+def run(spec: RunSpec, model: nn.Module | None = None, *, callbacks: list[Callback] = (),
+        store: Store | None = None, profile: str | None = None, context: Any = None) -> RunOutput:
     """Train and evaluate ``spec``; the row names the protocol, sizes, seed and machine.
 
     ``row[metric]`` is the metric on ``spec.task``, or its mean over ``spec.mix``; ``row["per_task"]``
-    holds each task's.
+    holds each task's. ``callbacks`` join the adapter config's own in the trainer. With a ``store``, a run
+    whose inputs (:func:`run_inputs`: the spec, ``profile``, ``context``, the callbacks, the code) are
+    recorded is read back without training, and a trained run is recorded (by the first process only,
+    under a data-parallel launch).
     """
     if spec.mix and spec.task not in spec.mix:
         raise ValueError(f"task {spec.task!r} must be one of mix {spec.mix}")
+    callbacks = list(callbacks)
+    inputs = None
+    if store is not None:
+        if profile is None:
+            raise ValueError("a stored run names its profile: run(spec, store=..., profile=...)")
+        inputs = run_inputs(spec, profile, callbacks, context, model_given=model is not None)
+        record = store.get(key_of(inputs))
+        if record is not None:
+            return _reused(record, spec, callbacks)
+    started = time.perf_counter()
     info = task_info(spec.task)
     train = training_set(spec)
     evaluations = [encode_task(dataclasses.replace(spec, task=t), task_info(t).eval_split, spec.eval_n)
@@ -150,8 +289,11 @@ def run(spec: RunSpec, model: nn.Module | None = None) -> RunOutput:
     model = model if model is not None else build_model(spec)
     trainable, total = count_parameters(model)
     train_cfg = dataclasses.replace(spec.train, seed=spec.seed)
-    started = time.perf_counter()
-    trainer = Trainer(model, train, train_cfg, eval_tasks=evaluations)
+    trained = time.perf_counter()
+    trainer = Trainer(model, train, train_cfg, eval_tasks=evaluations, callbacks=callbacks)
+    recording = [_record_name(c) for c in trainer.callbacks if hasattr(c, "record")]
+    if len(set(recording)) < len(recording):  # the adapter's own callbacks record too
+        raise ValueError(f"callbacks that record need distinct names (record_name), got {recording}")
     result: TrainResult = trainer.train()
     metric = "pearson" if info.kind == "regression" else "accuracy"
     per_task = {e.info.name: result.final[e.info.name] for e in evaluations}
@@ -163,8 +305,17 @@ def run(spec: RunSpec, model: nn.Module | None = None) -> RunOutput:
         "train_n": len(train), "eval_n": sum(len(e) for e in evaluations),
         "eval_split": ",".join(dict.fromkeys(task_info(t).eval_split for t in per_task)), "seed": spec.seed,
         "steps": result.steps, "s_per_step": result.seconds_per_step,
-        "wall_s": time.perf_counter() - started,
+        "wall_s": time.perf_counter() - trained,
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
     }
-    return RunOutput(row, result.history, model, trainer)
-
+    records = {_record_name(c): json_value(c.record()) for c in trainer.callbacks if hasattr(c, "record")}
+    _restore(trainer.callbacks, records)
+    out = RunOutput(json_value(row), json_value(result.history), json_value(result.evals), records,
+                    provenance(profile, time.perf_counter() - started, str(trainer.device),
+                               distributed.world_size() if trainer.parallel else 1),
+                    trained_model=model, trained_by=trainer)
+    if inputs is not None:
+        out.key = key_of(inputs)
+        if not trainer.parallel or distributed.is_main():
+            store.put(run_record(out, inputs))
+    return out

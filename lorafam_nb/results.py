@@ -1,0 +1,322 @@
+"""The results store: every training run behind the book is a record, committed and reused.
+
+**Format.** One pretty-printed JSON file per record, ``<key>.json``, in one flat folder (``results/`` at
+the repository root, or ``$LORAFAM_RESULTS``). One file per record rather than one JSON Lines file
+because records are written by several processes at once (the grid fans cells out under ``torchrun``) and
+a file is replaced atomically on its own, with no lock and no merge; a person reads one run in one file,
+and git diffs show which runs changed. :func:`load_records` reads a folder into a pandas DataFrame (one
+row per record); :func:`read_records` gives the raw dicts.
+
+**Key.** A record is named by :func:`key_of` over its *inputs*: for a run (:func:`lorafam_nb.experiment.run`)
+its :class:`~lorafam_nb.experiment.RunSpec` less what does not change a number, the profile, what a
+caller adds (``context``: how a model it built was made, a grid cell's plan), the callbacks it passed, and
+the :func:`code_fingerprint`. A record whose key exists is read back instead of being computed; any
+changed input gives another key, so the old record is simply not found (it stays until someone deletes it).
+
+**What the code fingerprint covers.** The source of every ``lorafam_nb`` module the run can execute: the
+static import closure (imports inside functions and under ``TYPE_CHECKING`` included) of
+:mod:`lorafam_nb.experiment` and of the modules defining the adapter config's and the callbacks' classes;
+the shipped data's manifest (its sha256 sums); and the versions of torch, transformers, tokenizers and the
+package that ships the model's weights. Classes defined outside the package (a chapter's callback, a
+test's config) are fingerprinted by their own code (bytecode, constants and names: independent of the
+file and line they sit at). A hash over the whole package would be simpler, but every edit to any method
+would then invalidate every chapter's records; the closure changes only the records that can depend on
+the edit. Parent packages' ``__init__`` files are not followed (they only re-export), nor the method
+registry's imports by name (a method module, when imported, only registers its own config), nor this
+module (it computes no number; a change to the key scheme changes the keys anyway).
+
+**What the key leaves out**, on purpose: the run's label (its name in tables, refreshed on reuse), the
+progress bar, checkpoint folders and intervals, the device and the data-parallel split. The device and
+the number of processes are hardware: records computed on a GPU are meant to be reused on a CPU machine,
+and N processes take the same steps as one (tests/test_distributed.py). They are kept in the record's
+provenance, as are the machine, the commit, the date and the wall time. ``precision`` is in the key: bf16
+is another computation on any hardware.
+
+``$LORAFAM_FRESH=1`` (``make book FRESH=1``) makes a store ignore what it holds: everything is recomputed
+and overwritten.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import datetime
+import functools
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import types
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["Store", "code_fingerprint", "code_identity", "default_dir", "git_commit", "json_value", "key_of",
+           "load_records", "provenance", "read_records", "write_json"]
+
+PACKAGE = __name__.rpartition(".")[0]
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_DIR = PACKAGE_DIR.parent
+DATA_MANIFEST = PACKAGE_DIR / "_data" / "MANIFEST.json"
+VERSIONED = ("torch", "transformers", "tokenizers")  # libraries whose version is part of every key
+
+
+def default_dir() -> Path:
+    """``$LORAFAM_RESULTS``, else ``results/`` at the repository root (committed)."""
+    return Path(os.environ.get("LORAFAM_RESULTS") or REPO_DIR / "results")
+
+
+def _fresh_requested() -> bool:
+    return os.environ.get("LORAFAM_FRESH", "") not in ("", "0")
+
+
+# --- JSON ---------------------------------------------------------------------------------------------
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON types: dataclasses as dicts, tuples as lists, sets sorted, numpy/torch scalars and
+    arrays as numbers and lists, paths as strings; anything else is a TypeError."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _plain(value.to_dict() if hasattr(value, "to_dict") else dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted(_plain(v) for v in value)
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "tolist"):  # numpy and torch scalars and arrays
+        return _plain(value.tolist())
+    raise TypeError(f"{type(value).__name__} is not JSON-able: {value!r:.80}")
+
+
+def json_value(value: Any) -> Any:
+    """``value`` exactly as a record gives it back after a JSON round trip (tuples become lists, dict keys
+    strings), so that a freshly computed run and a reused one hand their caller the same objects."""
+    return json.loads(json.dumps(_plain(value)))
+
+
+def key_of(inputs: dict[str, Any]) -> str:
+    """The record name of ``inputs``: 16 hex digits of the sha256 of their canonical JSON."""
+    blob = json.dumps(_plain(inputs), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write atomically: a temporary file in the same folder, flushed, then renamed over ``path``. An
+    interrupted write leaves the previous file (or none) and no half-written record; the temporary file
+    (``*.tmp``, never read as a record) is removed when the write fails in this process."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(_plain(data), indent=1) + "\n"  # serialise first: a bad value never touches the folder
+    fd, name = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    tmp = Path(name)
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would make the record private to its writer
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# --- code fingerprint ---------------------------------------------------------------------------------
+
+def _module_file(module: str) -> Path | None:
+    """The source file of a ``lorafam_nb`` module (None: not a module of the package)."""
+    if module != PACKAGE and not module.startswith(PACKAGE + "."):
+        return None
+    base = PACKAGE_DIR.joinpath(*module.split(".")[1:])
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _imports(module: str, source: str) -> frozenset[str]:
+    """Package modules that ``source`` (the text of ``module``) imports, anywhere in the file."""
+    is_package = _module_file(module).name == "__init__.py"
+    here = module if is_package else module.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = here.split(".")
+                base = ".".join(parts[:len(parts) - node.level + 1] + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            if node.module:  # `from . import x` runs the package's __init__ (re-exports only): not followed
+                found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)  # `from . import trainer`
+    return frozenset(m for m in found if m not in (PACKAGE, __name__) and _module_file(m) is not None)
+
+
+def _closure(seeds: Iterable[str]) -> dict[str, str]:
+    """Every package module reachable from ``seeds`` by static imports -> sha256 of its source."""
+    digests: dict[str, str] = {}
+    todo = [m for m in seeds if _module_file(m) is not None and m != __name__]
+    while todo:
+        module = todo.pop()
+        if module in digests:
+            continue
+        source = _module_file(module).read_text()
+        digests[module] = hashlib.sha256(source.encode()).hexdigest()[:16]
+        todo.extend(_imports(module, source))
+    return dict(sorted(digests.items()))
+
+
+def _code_digest(code: types.CodeType) -> str:
+    """A function's code by what it does (bytecode, constants, names), not where it is written."""
+    consts = [_code_digest(c) if isinstance(c, types.CodeType) else repr(c) for c in code.co_consts]
+    blob = repr((code.co_code.hex(), consts, code.co_names, code.co_varnames, code.co_freevars))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _class_digest(cls: type) -> str:
+    """A class defined outside the package: its functions' code and its simple class constants."""
+    parts = {}
+    for name, value in sorted(vars(cls).items()):
+        func = value.__func__ if isinstance(value, (staticmethod, classmethod)) else value
+        func = func.fget if isinstance(func, property) else func
+        if isinstance(func, types.FunctionType):
+            parts[name] = _code_digest(func.__code__)
+        elif not name.startswith("__") and isinstance(value, (bool, int, float, str, tuple, type(None))):
+            parts[name] = repr(value)
+    return hashlib.sha256(repr(sorted(parts.items())).encode()).hexdigest()[:16]
+
+
+def code_identity(classes: Iterable[type]) -> tuple[set[str], dict[str, str]]:
+    """For the classes a run uses (its config's, its callbacks'): the package modules that define them and
+    their bases (seeds of the import closure), and a digest of every class from elsewhere, by name."""
+    modules, foreign = set(), {}
+    for cls in classes:
+        for klass in cls.__mro__:
+            top = klass.__module__.partition(".")[0]
+            if top == PACKAGE:
+                modules.add(klass.__module__)
+            elif top not in ("builtins", "abc", "typing", "torch"):
+                foreign[f"{klass.__module__}.{klass.__qualname__}"] = _class_digest(klass)
+    return modules, foreign
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return None
+
+
+def code_fingerprint(modules: Iterable[str], foreign: dict[str, str] | None = None,
+                     distributions: Sequence[str] = ()) -> dict[str, Any]:
+    """What computes a number: the import closure of ``modules`` (each module's source digest), the
+    ``foreign`` classes' digests, the shipped data's manifest, and library versions (:data:`VERSIONED` and
+    ``distributions``, e.g. the package that ships the model). ``digest`` hashes all of it."""
+    out = {"modules": _closure(modules), "foreign": dict(sorted((foreign or {}).items())),
+           "data": hashlib.sha256(DATA_MANIFEST.read_bytes()).hexdigest()[:16],
+           "versions": {name: _version(name) for name in sorted({*VERSIONED, *distributions})}}
+    return {"digest": key_of(out), **out}
+
+
+# --- provenance ---------------------------------------------------------------------------------------
+
+def git_commit() -> str | None:
+    """The repository's commit (with ``+dirty`` when tracked files differ from it); None outside git."""
+    try:
+        def git(*args: str) -> str:
+            return subprocess.run(["git", *args], cwd=REPO_DIR, capture_output=True, text=True, timeout=10,
+                                  check=True).stdout.strip()
+        return git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def provenance(profile: str | None, wall_s: float, device: str, processes: int = 1) -> dict[str, Any]:
+    """Where, when and with what a record was computed."""
+    return {
+        "profile": profile, "commit": git_commit(),
+        "machine": {"platform": platform.platform(), "processor": platform.machine(), "node": platform.node(),
+                    "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device,
+                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                    "processes": processes},
+        "python": platform.python_version(), "torch": torch.__version__, "transformers": _version("transformers"),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "wall_s": wall_s,
+    }
+
+
+# --- the store ----------------------------------------------------------------------------------------
+
+def _paths(directory: Path, keys: Sequence[str] | None) -> list[Path]:
+    if keys is None:
+        return sorted(directory.glob("*.json"))
+    return [p for p in (directory / f"{k}.json" for k in keys) if p.exists()]
+
+
+def read_records(directory: str | Path | None = None, keys: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """The records in ``directory`` (default :func:`default_dir`): those of ``keys`` in their order (missing
+    ones skipped), or all, by name."""
+    return [json.loads(p.read_text()) for p in _paths(Path(directory or default_dir()), keys)]
+
+
+def _flat(record: dict[str, Any]) -> dict[str, Any]:
+    """One table row of a record: its result row's fields at the top, the rest nested (pandas flattens
+    them to ``spec.train.lr``, ``provenance.machine.cpus``, …); the logs (history, evaluations) stay out."""
+    inputs = record.get("inputs", {})
+    return {"key": record["key"], "profile": inputs.get("profile"), **record.get("row", {}),
+            "spec": inputs.get("spec", {}), "provenance": record.get("provenance", {}),
+            "code": record.get("code", {}).get("digest")}
+
+
+def load_records(directory: str | Path | None = None, keys: Sequence[str] | None = None) -> Any:
+    """The records as a pandas DataFrame: one row per record, nested fields as dotted columns."""
+    import pandas as pd
+
+    return pd.json_normalize([_flat(r) for r in read_records(directory, keys)])
+
+
+@dataclass
+class Store:
+    """A folder of records. ``fresh``: ignore existing records (recompute and overwrite them); default
+    from ``$LORAFAM_FRESH``."""
+
+    directory: Path = field(default_factory=default_dir)
+    fresh: bool = field(default_factory=_fresh_requested)
+
+    def __post_init__(self) -> None:
+        self.directory = Path(self.directory)
+
+    def path(self, key: str) -> Path:
+        return self.directory / f"{key}.json"
+
+    def has(self, key: str) -> bool:
+        """Whether a record of ``key`` would be reused."""
+        return not self.fresh and self.path(key).exists()
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        """The record of ``key``, or None (none stored, or a fresh store)."""
+        return json.loads(self.path(key).read_text()) if self.has(key) else None
+
+    def put(self, record: dict[str, Any]) -> Path:
+        """Write ``record`` (it names its ``key``) atomically; returns its file."""
+        path = self.path(record["key"])
+        write_json(path, record)
+        return path
+
+    def records(self, keys: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        return read_records(self.directory, keys)
+
+    def frame(self, keys: Sequence[str] | None = None) -> Any:
+        return load_records(self.directory, keys)
+
