@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import platform
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -208,7 +209,7 @@ def _settings(callback: Callback) -> Any:
                         f"method returning what it was given, so that the results store can key the run") from None
 
 
-def run_inputs(spec: RunSpec, profile: str | None, callbacks: list[Callback] = (), context: Any = None,
+def run_inputs(spec: RunSpec, profile: str | None, callbacks: Sequence[Callback] = (), context: Any = None,
                model_given: bool = False) -> dict[str, Any]:
     """Everything a run's numbers depend on, as JSON: its key is :func:`lorafam_nb.results.key_of` of this.
 
@@ -247,20 +248,20 @@ def run_record(out: RunOutput, inputs: dict[str, Any]) -> dict[str, Any]:
             "callbacks": out.records, "provenance": out.provenance}
 
 
-def _restore(callbacks: list[Callback], records: dict[str, Any]) -> None:
+def _restore(callbacks: Sequence[Callback], records: dict[str, Any]) -> None:
     for callback in callbacks:
         if hasattr(callback, "restore") and _record_name(callback) in records:
             callback.restore(records[_record_name(callback)])
 
 
-def _reused(record: dict[str, Any], spec: RunSpec, callbacks: list[Callback]) -> RunOutput:
+def _reused(record: dict[str, Any], spec: RunSpec, callbacks: Sequence[Callback]) -> RunOutput:
     row = dict(record["row"], label=spec.label or describe(spec.finetune))  # the label is not keyed
     _restore(callbacks, record["callbacks"])
     return RunOutput(row, record["history"], record["evals"], record["callbacks"], record["provenance"],
                      key=record["key"], reused=True)
 
 
-def run(spec: RunSpec, model: nn.Module | None = None, *, callbacks: list[Callback] = (),
+def run(spec: RunSpec, model: nn.Module | None = None, *, callbacks: Sequence[Callback] = (),
         store: Store | None = None, profile: str | None = None, context: Any = None) -> RunOutput:
     """Train and evaluate ``spec``; the row names the protocol, sizes, seed and machine.
 

@@ -298,13 +298,15 @@ def test_stored_records_recompute_to_the_same_numbers(tmp_path):
 
 
 def test_the_committed_store_is_a_folder_of_records():
-    """``results/`` is committed (not ignored) and holds only records (every file a JSON object with its key)."""
+    """``results/`` is committed (not ignored) and holds its README and records (each JSON file names its key)."""
     root = results.REPO_DIR
     ignored = [line.strip() for line in (root / ".gitignore").read_text().splitlines()]
     assert "results/" not in ignored and "results" not in ignored
     if shutil.which("git") and (root / ".git").exists():
         check = subprocess.run(["git", "check-ignore", "-q", "results/x.json"], cwd=root)
         assert check.returncode == 1  # not ignored
-    for path in sorted((root / "results").glob("*")):
-        record = json.loads(path.read_text())
-        assert path.suffix == ".json" and record["key"] == path.stem and "provenance" in record
+    assert (root / "results" / "README.md").is_file()
+    for path in sorted((root / "results").iterdir()):
+        if path.name != "README.md":
+            record = json.loads(path.read_text())
+            assert path.suffix == ".json" and record["key"] == path.stem and "provenance" in record
