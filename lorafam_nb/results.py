@@ -21,7 +21,7 @@ package that ships the model's weights. Classes defined outside the package (a c
 test's config) are fingerprinted by their own code (bytecode, constants and names: independent of the
 file and line they sit at). A hash over the whole package would be simpler, but every edit to any method
 would then invalidate every chapter's records; the closure changes only the records that can depend on
-the edit. Parent packages' ``__init__`` files are not followed (they only re-export), nor the method
+the edit. A hub model is named by its id alone (its revision is not pinned). Parent packages' ``__init__`` files are not followed (they only re-export), nor the method
 registry's imports by name (a method module, when imported, only registers its own config), nor this
 module (it computes no number; a change to the key scheme changes the keys anyway).
 
@@ -270,13 +270,19 @@ def read_records(directory: str | Path | None = None, keys: Sequence[str] | None
     return [json.loads(p.read_text()) for p in _paths(Path(directory or default_dir()), keys)]
 
 
+RUN_FIELDS = ("key", "inputs", "row", "history", "evals", "callbacks", "provenance")  # what run_record writes
+
+
 def _flat(record: dict[str, Any]) -> dict[str, Any]:
-    """One table row of a record: its result row's fields at the top, the rest nested (pandas flattens
-    them to ``spec.train.lr``, ``provenance.machine.cpus``, …); the logs (history, evaluations) stay out."""
-    inputs = record.get("inputs", {})
-    return {"key": record["key"], "profile": inputs.get("profile"), **record.get("row", {}),
+    """One table row of a record: its result row's fields at the top (the same columns for every run), the
+    fields a writer added under other names (the grid's ``method``, ``params``, …), the rest nested (pandas
+    flattens them to ``spec.train.lr``, ``provenance.machine.cpus``, …); the logs (history, evaluations)
+    stay out."""
+    inputs, row = record.get("inputs", {}), record.get("row", {})
+    return {"key": record["key"], "profile": inputs.get("profile"),
+            **{k: v for k, v in record.items() if k not in RUN_FIELDS and k not in row}, **row,
             "spec": inputs.get("spec", {}), "provenance": record.get("provenance", {}),
-            "code": record.get("code", {}).get("digest")}
+            "code": inputs.get("code", {}).get("digest")}
 
 
 def load_records(directory: str | Path | None = None, keys: Sequence[str] | None = None) -> Any:

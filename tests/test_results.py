@@ -98,7 +98,6 @@ def test_every_input_that_changes_a_number_changes_the_key_and_retrains(tmp_path
     base = run(small_spec(), store=store, profile="smoke")
     changed = {
         "spec field": dict(spec=small_spec(train_n=12)),
-        "training setting": dict(spec=small_spec(train=dataclasses.replace(small_spec().train, lr=2e-3))),
         "adapter hyperparameter": dict(spec=small_spec(finetune=LoraConfig(r=3, target_modules=["query", "value"]))),
         "seed": dict(spec=small_spec(seed=1)),
         "profile": dict(spec=small_spec(), profile="book"),
@@ -120,7 +119,7 @@ def test_every_input_that_changes_a_number_changes_the_key_and_retrains(tmp_path
     assert not out.reused and out.key not in keys and len(trainings) == 2 + len(changed)
 
 
-def test_what_does_not_change_a_number_keeps_the_key(tmp_path):
+def test_what_does_not_change_a_number_keeps_the_key_and_training_settings_change_it(tmp_path):
     key = results.key_of(experiment.run_inputs(small_spec(), "smoke"))
     train = small_spec().train
     for same in (small_spec(label="other"), small_spec(train=dataclasses.replace(train, progress=True)),
@@ -128,8 +127,9 @@ def test_what_does_not_change_a_number_keeps_the_key(tmp_path):
                  small_spec(train=dataclasses.replace(train, checkpoint_dir=str(tmp_path), checkpoint_every=1)),
                  small_spec(train=dataclasses.replace(train, seed=7))):  # the run trains with spec.seed
         assert results.key_of(experiment.run_inputs(same, "smoke")) == key
-    assert results.key_of(experiment.run_inputs(small_spec(train=dataclasses.replace(train, precision="bf16")),
-                                                "smoke")) != key
+    for other in (dict(precision="bf16"), dict(lr=2e-3), dict(max_steps=3), dict(eval_batch_size=8)):
+        assert results.key_of(experiment.run_inputs(small_spec(train=dataclasses.replace(train, **other)),
+                                                    "smoke")) != key, other
 
 
 def test_the_fingerprint_covers_what_the_run_imports_and_no_more():
@@ -205,6 +205,7 @@ def test_records_carry_provenance_and_load_into_pandas(tmp_path):
         assert by_key.loc[out.key, "spec.seed"] == out.row["seed"]
     assert {"profile", "spec.train.lr", "spec.finetune.r", "provenance.commit", "provenance.machine.cpus",
             "provenance.date", "code"} <= set(frame.columns)
+    assert frame["code"].tolist() == [store.get(k)["inputs"]["code"]["digest"] for k in frame["key"]]
     assert list(results.load_records(tmp_path, [outs[1].key])["key"]) == [outs[1].key]
 
 
@@ -283,6 +284,10 @@ def test_stored_records_recompute_to_the_same_numbers(tmp_path):
     example per task (1/n) on accuracy and 1e-3 relative on the logged losses."""
     records, source = _sample(tmp_path)
     assert len(records) >= 1 and (source == "committed" or len(records) == 2)
+    if source == "temporary":  # a run's record and a grid cell's, in one table
+        frame = results.load_records(tmp_path).set_index("task")
+        assert list(frame.columns[:2]) == ["key", "profile"] and frame.loc["boolq", "method"] == "lora" and frame.loc["boolq", "params.real"] > 0
+        assert frame.loc["sst2", "label"] == "small" and frame["accuracy"].notna().all()
     for record in records:
         again = _recompute(record)
         assert again["key"] == record["key"]
