@@ -13,19 +13,23 @@ recorded, but no model and no trainer (``reused`` is True; asking for them raise
 :class:`ReusedRunError`). So a chapter computes what it needs from the model *during* the run, in a
 callback passed to ``run(spec, callbacks=[...])``. A callback may implement:
 
-* ``record(self) -> dict``: JSON-able results, stored in the record (``out.records[name]``, ``name`` being
+* ``record(self)``: JSON-able results, stored in the record (``out.records[name]``, ``name`` being
   ``record_name`` or the class name); the adapter config's own callbacks (AdaLoRA's rank allocator) too;
 * ``restore(self, data)``: called with what ``record`` returned *after its JSON round trip*, in a fresh run
   as in a reused one, so the chapter reads the callback the same way in both cases;
 * ``settings(self) -> dict``: what the callback was given, for the key (default: its attributes before the
-  run, which must then be JSON-able). Its class's code is part of the key too.
+  run that are not code, which must then be JSON-able). Its class's code, and the functions it holds, are
+  part of the key too (:func:`lorafam_nb.results.code_identity`).
+
+:class:`AtEnd` covers the common case: ``run(spec, callbacks=[AtEnd("merged", check)])`` records
+``check(trainer)``, computed on the trained model, as ``out.records["merged"]``.
 """
 from __future__ import annotations
 
 import dataclasses
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,11 +40,11 @@ from . import distributed
 from .core import AdapterConfig, count_parameters, get_adapter_model, suffix_match
 from .data import load_task, task_info
 from .models import load_model, load_tokenizer, model_spec
-from .results import Store, code_fingerprint, code_identity, json_value, key_of, provenance
+from .results import Store, code_fingerprint, code_identity, is_code, json_value, key_of, provenance
 from .tasks import EncodedTask, encode
 from .trainer import Callback, TrainConfig, Trainer, TrainResult, set_seed
 
-__all__ = ["ReusedRunError", "RunOutput", "RunSpec", "build_model", "describe", "encode_task", "run", "run_inputs",
+__all__ = ["AtEnd", "ReusedRunError", "RunOutput", "RunSpec", "build_model", "describe", "encode_task", "run", "run_inputs",
            "run_record", "spec_from_inputs", "train_head_only", "training_set"]
 
 # TrainConfig fields that do not change a number (display, checkpoint files) or that are hardware (the
@@ -149,6 +153,24 @@ def describe(finetune: str | AdapterConfig) -> str:
     return f"{finetune.method} " + " ".join(f"{k}={v}" for k, v in fields.items())
 
 
+class AtEnd(Callback):
+    """Records ``fn(trainer)`` when training ends, as ``name``: what a chapter needs from the trained model
+    (a merge check, a similarity, a routing matrix), kept in the record so that a reused run gives it too.
+    ``fn`` returns JSON-able data; its code, and what that code refers to, is part of the run's key."""
+
+    def __init__(self, name: str, fn: Callable[[Trainer], Any]) -> None:
+        self.record_name, self.fn, self.value = name, fn, None
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        self.value = self.fn(trainer)
+
+    def record(self) -> Any:
+        return self.value
+
+    def restore(self, data: Any) -> None:
+        self.value = data
+
+
 class ReusedRunError(LookupError):
     """A reused run (read from the results store) was asked for its model or trainer."""
 
@@ -201,7 +223,9 @@ def _record_name(callback: Callback) -> str:
 
 
 def _settings(callback: Callback) -> Any:
-    settings = callback.settings() if hasattr(callback, "settings") else vars(callback)
+    """What the callback was given, for the key: its ``settings()``, else its attributes that are not code."""
+    settings = (callback.settings() if hasattr(callback, "settings") else
+                {k: v for k, v in vars(callback).items() if not is_code(v)})
     try:
         return json_value(settings)
     except TypeError as error:
@@ -218,10 +242,10 @@ def run_inputs(spec: RunSpec, profile: str | None, callbacks: Sequence[Callback]
     if model_given and context is None:
         raise ValueError("a run on a model the caller built can be stored only with a context describing how "
                          "the model was built (for example the key of the run it continues)")
-    classes = [type(c) for c in callbacks]
+    used = [type(c) for c in callbacks] + [v for c in callbacks for v in vars(c).values() if is_code(v)]
     if isinstance(spec.finetune, AdapterConfig):
-        classes.append(type(spec.finetune))
-    modules, foreign = code_identity(classes)
+        used.append(type(spec.finetune))
+    modules, foreign = code_identity(used)
     known = model_spec(spec.model)
     code = code_fingerprint({__name__, *modules}, foreign, [known.package] if known else [])
     return {"spec": _spec_inputs(spec), "profile": profile, "context": json_value(context),

@@ -17,9 +17,11 @@ changed input gives another key, so the old record is simply not found (it stays
 static import closure (imports inside functions and under ``TYPE_CHECKING`` included) of
 :mod:`lorafam_nb.experiment` and of the modules defining the adapter config's and the callbacks' classes;
 the shipped data's manifest (its sha256 sums); and the versions of torch, transformers, tokenizers and the
-package that ships the model's weights. Classes defined outside the package (a chapter's callback, a
-test's config) are fingerprinted by their own code (bytecode, constants and names: independent of the
-file and line they sit at). A hash over the whole package would be simpler, but every edit to any method
+package that ships the model's weights. Classes and functions defined outside the package (a chapter's
+callback, a function it calls, a test's config) are fingerprinted by their own code (bytecode, constants
+and names: independent of the file and line they sit at) and by what that code refers to: other such
+functions and classes, package modules (then in the closure), constants, captured values and tensors (by
+their values). A referenced library object (a model) counts by its type only: pass its state as a setting. A hash over the whole package would be simpler, but every edit to any method
 would then invalidate every chapter's records; the closure changes only the records that can depend on
 the edit. A hub model is named by its id alone (its revision is not pinned). Parent packages' ``__init__`` files are not followed (they only re-export), nor the method
 registry's imports by name (a method module, when imported, only registers its own config), nor this
@@ -46,6 +48,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 import types
 from collections.abc import Iterable, Sequence
@@ -56,7 +59,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Store", "code_fingerprint", "code_identity", "default_dir", "git_commit", "json_value", "key_of",
+__all__ = ["Store", "code_fingerprint", "code_identity", "default_dir", "git_commit", "is_code", "json_value", "key_of",
            "load_records", "provenance", "read_records", "write_json"]
 
 PACKAGE = __name__.rpartition(".")[0]
@@ -184,31 +187,102 @@ def _code_digest(code: types.CodeType) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _class_digest(cls: type) -> str:
-    """A class defined outside the package: its functions' code and its simple class constants."""
-    parts = {}
-    for name, value in sorted(vars(cls).items()):
-        func = value.__func__ if isinstance(value, (staticmethod, classmethod)) else value
-        func = func.fget if isinstance(func, property) else func
-        if isinstance(func, types.FunctionType):
-            parts[name] = _code_digest(func.__code__)
-        elif not name.startswith("__") and isinstance(value, (bool, int, float, str, tuple, type(None))):
-            parts[name] = repr(value)
-    return hashlib.sha256(repr(sorted(parts.items())).encode()).hexdigest()[:16]
+def _names(code: types.CodeType) -> set[str]:
+    """The global (and attribute) names a function's code and its nested functions use."""
+    return set(code.co_names).union(*(_names(c) for c in code.co_consts if isinstance(c, types.CodeType)))
 
 
-def code_identity(classes: Iterable[type]) -> tuple[set[str], dict[str, str]]:
-    """For the classes a run uses (its config's, its callbacks'): the package modules that define them and
-    their bases (seeds of the import closure), and a digest of every class from elsewhere, by name."""
-    modules, foreign = set(), {}
-    for cls in classes:
-        for klass in cls.__mro__:
-            top = klass.__module__.partition(".")[0]
-            if top == PACKAGE:
-                modules.add(klass.__module__)
-            elif top not in ("builtins", "abc", "typing", "torch"):
-                foreign[f"{klass.__module__}.{klass.__qualname__}"] = _class_digest(klass)
-    return modules, foreign
+def _library(module: str) -> bool:
+    """Whether ``module`` is installed code (the standard library or site-packages): versioned, not hashed.
+    ``__main__`` (a notebook's cells, a script) never is, whatever file launched it."""
+    if module == "__main__":
+        return False
+    if module.partition(".")[0] in sys.builtin_module_names or module.partition(".")[0] in sys.stdlib_module_names:
+        return True
+    file = getattr(sys.modules.get(module), "__file__", None) or ""
+    return any(part in ("site-packages", "dist-packages") for part in Path(file).parts)
+
+
+class _Identity:
+    """Walks what a run's callbacks and config refer to: package modules (seeds of the import closure),
+    code from elsewhere (a chapter's or a test's classes and functions, hashed with everything they refer
+    to: helpers, constants, captured values), and library code (left to the versions)."""
+
+    def __init__(self) -> None:
+        self.modules: set[str] = set()
+        self.foreign: dict[str, str] = {}  # "module.qualname digest" -> digest
+        self.seen: dict[int, str] = {}  # id -> how it entered (a cycle meets its name)
+
+    def of(self, value: Any) -> str:
+        """How ``value``, referenced by code, enters the key."""
+        if isinstance(value, (staticmethod, classmethod)):
+            value = value.__func__
+        if isinstance(value, property):
+            value = value.fget
+        if isinstance(value, types.MethodType):
+            value = value.__func__
+        if isinstance(value, functools.partial):
+            return f"partial({self.of(value.func)}, {self.of(value.args)}, {self.of(value.keywords)})"
+        if isinstance(value, types.ModuleType):
+            if value.__name__.partition(".")[0] == PACKAGE:
+                self.modules.add(value.__name__)
+            return f"module {value.__name__}"
+        if isinstance(value, (type, types.FunctionType)):
+            module, name = value.__module__ or "", f"{value.__module__}.{value.__qualname__}"
+            if module.partition(".")[0] == PACKAGE:
+                self.modules.add(module)
+                if isinstance(value, type):  # its bases may live in other package modules
+                    self.modules.update(k.__module__ for k in value.__mro__ if k.__module__.partition(".")[0] == PACKAGE)
+                return name
+            if _library(module):
+                return name
+            if id(value) not in self.seen:
+                self.seen[id(value)] = name  # what a reference back to it, while it is being hashed, gives
+                digest = self._class(value) if isinstance(value, type) else self._function(value)
+                self.foreign[f"{name} {digest}"] = digest
+                self.seen[id(value)] = f"{name} {digest}"
+            return self.seen[id(value)]
+        if isinstance(value, torch.Tensor):  # by its values
+            data = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            return f"tensor {tuple(value.shape)} {value.dtype} {hashlib.sha256(data).hexdigest()[:16]}"
+        if isinstance(value, (list, tuple)) and len(value) <= 64:
+            return repr([self.of(v) for v in value])
+        if isinstance(value, (set, frozenset)) and len(value) <= 64:
+            return repr(sorted(self.of(v) for v in value))
+        try:
+            return json.dumps(_plain(value), sort_keys=True)
+        except (TypeError, ValueError):
+            return type(value).__qualname__  # a library object (a model, say): not keyed by its state
+
+    def _function(self, func: types.FunctionType) -> str:
+        refs = {name: self.of(func.__globals__[name])
+                for name in sorted(_names(func.__code__)) if name in func.__globals__}
+        captured = [self.of(cell.cell_contents) for cell in func.__closure__ or () if cell.cell_contents is not None]
+        defaults = self.of(func.__defaults__ or ())
+        blob = repr((_code_digest(func.__code__), refs, captured, defaults))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def _class(self, cls: type) -> str:
+        parts = {"bases": [self.of(base) for base in cls.__bases__ if base is not object]}
+        for name, value in sorted(vars(cls).items()):
+            if not name.startswith("__") or isinstance(value, types.FunctionType):
+                parts[name] = self.of(value)
+        return hashlib.sha256(repr(sorted(parts.items())).encode()).hexdigest()[:16]
+
+
+def is_code(value: Any) -> bool:
+    """Whether a callback's attribute is code (hashed by :func:`code_identity`) rather than a setting."""
+    return isinstance(value, (type, types.FunctionType, types.MethodType, functools.partial))
+
+
+def code_identity(objects: Iterable[Any]) -> tuple[set[str], dict[str, str]]:
+    """For what a run uses (its config's class, its callbacks' classes and the functions they hold): the
+    package modules they come from (seeds of the import closure), and a digest of every class and function
+    from elsewhere, with everything it refers to (see :class:`_Identity`)."""
+    identity = _Identity()
+    for obj in objects:
+        identity.of(obj)
+    return identity.modules, identity.foreign
 
 
 def _version(distribution: str) -> str | None:

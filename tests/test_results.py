@@ -171,6 +171,46 @@ def test_callbacks_are_keyed_by_their_code_and_settings():
     assert key(HoldsAModel())
 
 
+def _functions(source: str) -> dict:
+    """The functions ``source`` defines, as a module of this test would hold them."""
+    namespace = {"__name__": __name__}
+    exec(source, namespace)
+    return namespace
+
+
+def test_what_a_callbacks_code_calls_is_keyed_too():
+    def key(fn):
+        return results.key_of(experiment.run_inputs(small_spec(), "smoke", [experiment.AtEnd("x", fn)]))
+
+    same = "def fn(trainer):\n    return helper(trainer) + K\n"
+    one = _functions("K = 1\ndef helper(trainer):\n    return 1\n" + same)
+    assert key(one["fn"]) == key(_functions("K = 1\ndef helper(trainer):\n    return 1\n" + same)["fn"])
+    assert key(one["fn"]) != key(_functions("K = 1\ndef helper(trainer):\n    return 2\n" + same)["fn"])
+    assert key(one["fn"]) != key(_functions("K = 2\ndef helper(trainer):\n    return 1\n" + same)["fn"])
+    weights = torch.ones(3)
+    before = key(lambda trainer: float((weights * 2).sum()))
+    weights[0] = 5.0  # a captured tensor counts by its values
+    assert key(lambda trainer: float((weights * 2).sum())) != before
+    # A function of the package is covered by its module's source, which joins the closure.
+    from lorafam_nb.moe import routers
+    inputs = experiment.run_inputs(small_spec(), "smoke", [experiment.AtEnd("x", routers.top_k)])
+    assert "lorafam_nb.moe.routers" in inputs["code"]["modules"]
+
+
+def test_at_end_records_what_the_chapter_needs_from_the_trained_model(tmp_path, trainings):
+    store = Store(tmp_path, fresh=False)
+
+    def layers(trainer):
+        return sorted(trainer.model.adapter_layers())
+
+    first, again = experiment.AtEnd("layers", layers), experiment.AtEnd("layers", layers)
+    out = run(small_spec(), callbacks=[first], store=store, profile="smoke")
+    reused = run(small_spec(), callbacks=[again], store=store, profile="smoke")
+    assert len(trainings) == 1 and reused.reused
+    assert again.value == first.value == reused.records["layers"] == out.records["layers"]
+    assert len(first.value) == 12 and first.value[0].endswith("attention.self.query")  # 6 layers × (query, value)
+
+
 def test_a_caller_built_model_needs_a_context(tmp_path):
     with pytest.raises(ValueError, match=r"can be stored only with a context describing how the model was built"):
         run(small_spec(), model=torch.nn.Linear(1, 1), store=Store(tmp_path), profile="smoke")
