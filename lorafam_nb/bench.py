@@ -1,7 +1,9 @@
 """Training-step benchmark: ``python -m lorafam_nb.bench [--steps N] [--batch 16] [--seq 128] [--only ...]``.
 
 Measures, in one process and on the same inputs, real optimizer steps of the package's
-:class:`~lorafam_nb.trainer.Trainer` (forward, backward, the method's hooks, AdamW) for:
+:class:`~lorafam_nb.trainer.Trainer` (forward, backward, the method's hooks, AdamW), taken round-robin
+(one step of each setup per round, the order rotated), so that every ratio is a median of ratios taken
+within a round, where a change of the machine's speed hits both setups alike. For:
 
 * ``frozen``  — only the task head trains, but gradients are forced back through the whole frozen
   network to the input embeddings: the floor any adapter that back-propagates through it must pay;
@@ -25,7 +27,7 @@ import copy
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -40,88 +42,47 @@ from .models import MODELS, load_model
 from .tasks import EncodedTask
 from .trainer import Callback, TrainConfig, Trainer
 
-__all__ = ["BenchResult", "Interleaved", "SavedTensorMeter", "frozen", "interleaved", "main", "measure",
-           "method_config", "ratios", "run_benchmark", "setups"]
-
-
-@dataclass
-class BenchResult:
-    name: str
-    seconds_per_step: float
-    memory_mb: float
-    trainable: int
-
-    def row(self) -> dict[str, float | str | int]:
-        return {"setup": self.name, "s/step": round(self.seconds_per_step, 4),
-                "memory MB": round(self.memory_mb, 1), "trainable": self.trainable}
+__all__ = ["Interleaved", "SavedTensorMeter", "frozen", "interleaved", "main", "method_config", "ratios",
+           "run_benchmark", "saved_by_module", "setups"]
 
 
 class SavedTensorMeter:
-    """Sums the storage bytes autograd saves for backward (each storage once, parameters excluded)."""
+    """Sums the storage bytes autograd saves for backward (each storage once, parameters excluded).
+
+    ``by_module`` splits the sum by the module whose forward pass saved each storage first (the innermost
+    module running at the time), so that a difference between two methods can be traced to its layers."""
 
     def __init__(self, model: nn.Module) -> None:
         self.param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        self.seen: dict[int, int] = {}
+        self.seen: dict[int, tuple[str, int]] = {}
+        self._current = [""]  # the stack of modules whose forward is running
+        self._handles = [m.register_forward_pre_hook(lambda m, a, n=n: self._current.append(n))
+                         for n, m in model.named_modules()]
+        self._handles += [m.register_forward_hook(self._leave) for m in model.modules()]
+
+    def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._current.pop()
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
-        if storage.data_ptr() not in self.param_ptrs:
-            self.seen[storage.data_ptr()] = storage.nbytes()
+        ptr = storage.data_ptr()
+        if ptr not in self.param_ptrs and ptr not in self.seen:
+            self.seen[ptr] = (self._current[-1], storage.nbytes())
         return t
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
 
     @property
     def nbytes(self) -> int:
-        return sum(self.seen.values())
+        return sum(n for _, n in self.seen.values())
 
-
-class _Probe(Callback):
-    """Times every optimizer step (method hooks included) and measures the memory of the last one.
-
-    It runs after the method's own callbacks, so a step's time covers them. The last step runs under
-    the saved-tensor meter (CPU) or a fresh CUDA peak; gradients and optimizer state are counted
-    after its backward, when both exist.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.times: list[float] = []
-        self.memory = 0
-        self._hooks: Any = None
-
-    def _now(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    def on_train_begin(self, trainer: Trainer) -> None:
-        self._last = self._now()
-        self._maybe_start_metering(trainer)
-
-    def _maybe_start_metering(self, trainer: Trainer) -> None:
-        if trainer.step != trainer.total_steps - 1:
-            return
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            self._meter = SavedTensorMeter(trainer.model)
-            self._hooks = torch.autograd.graph.saved_tensors_hooks(self._meter.pack, lambda t: t)
-            self._hooks.__enter__()
-
-    def on_after_backward(self, trainer: Trainer) -> None:
-        if self._hooks is not None:
-            self._hooks.__exit__(None, None, None)
-            self._hooks = None
-            grads = sum(p.grad.nbytes for p in trainer.model.parameters() if p.grad is not None)
-            state = sum(v.nbytes for s in trainer.optimizer.state.values() for v in s.values() if torch.is_tensor(v))
-            self.memory = self._meter.nbytes + grads + state
-
-    def on_step_end(self, trainer: Trainer) -> None:
-        now = self._now()
-        self.times.append(now - self._last)
-        self._last = now
-        if self.device.type == "cuda" and trainer.step == trainer.total_steps:
-            self.memory = torch.cuda.max_memory_allocated()
-        self._maybe_start_metering(trainer)
+    def by_module(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for name, n in self.seen.values():
+            out[name] = out.get(name, 0) + n
+        return out
 
 
 def _task_of(batch: dict[str, torch.Tensor], protocol: str = "encoder") -> EncodedTask:
@@ -136,41 +97,98 @@ def _task_of(batch: dict[str, torch.Tensor], protocol: str = "encoder") -> Encod
 
 @dataclass
 class Interleaved:
-    """Step times of several setups measured round-robin in one process (see :func:`interleaved`)."""
+    """Step times of several setups measured round-robin in one process (see :func:`interleaved`), and each
+    setup's training state from one more, untimed step."""
 
     times: dict[str, list[float]]  # setup -> seconds of each timed step, in round order
+    memory: dict[str, int] = field(default_factory=dict)  # bytes: training state (CPU) or CUDA peak
+    saved: dict[str, dict[str, int]] = field(default_factory=dict)  # CPU: saved bytes by module (SavedTensorMeter)
+    trainable: dict[str, int] = field(default_factory=dict)
 
     def median(self, name: str) -> float:
         return statistics.median(self.times[name])
 
     def iqr(self, name: str) -> tuple[float, float]:
         """The first and third quartile of the step time."""
-        q = statistics.quantiles(self.times[name], n=4)
-        return q[0], q[2]
+        return _quartiles(self.times[name])
+
+    def paired(self, a: str, b: str) -> list[float]:
+        """``a``'s step time over ``b``'s, round by round: slow drifts of the machine (frequency, other load)
+        hit both setups of a round alike and cancel."""
+        return [x / y for x, y in zip(self.times[a], self.times[b])]
 
     def ratio(self, a: str, b: str) -> float:
-        """Median over rounds of ``a``'s step time over ``b``'s in the same round: slow drifts of the machine
-        (frequency, other load) hit both setups of a round alike and cancel."""
-        return statistics.median(x / y for x, y in zip(self.times[a], self.times[b]))
+        """The median over rounds of :meth:`paired`."""
+        return statistics.median(self.paired(a, b))
+
+    def ratio_iqr(self, a: str, b: str) -> tuple[float, float]:
+        return _quartiles(self.paired(a, b))
 
     def rows(self, reference: str | None = None) -> list[dict[str, Any]]:
         out = []
         for name in self.times:
             q1, q3 = self.iqr(name)
-            row = {"setup": name, "median s/step": self.median(name), "IQR": f"{q1:.3f}–{q3:.3f}"}
+            row: dict[str, Any] = {"setup": name, "median s/step": self.median(name), "IQR": f"{q1:.3f}–{q3:.3f}"}
             if reference is not None:
+                r1, r3 = self.ratio_iqr(name, reference)
                 row[f"× {reference}"] = self.ratio(name, reference)
+                row[f"× {reference} IQR"] = f"{r1:.2f}–{r3:.2f}"
+            if name in self.memory:
+                row["memory MB"] = self.memory[name] / 2**20
+            if name in self.trainable:
+                row["trainable"] = self.trainable[name]
             out.append(row)
         return out
 
 
+def _quartiles(values: list[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return values[0], values[0]
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], q[2]
+
+
+class _StateBytes(Callback):
+    """Counts gradients and optimizer state right after backward, when both exist."""
+
+    def __init__(self) -> None:
+        self.nbytes = 0
+
+    def on_after_backward(self, trainer: Trainer) -> None:
+        grads = sum(p.grad.nbytes for p in trainer.model.parameters() if p.grad is not None)
+        state = sum(v.nbytes for s in trainer.optimizer.state.values() for v in s.values() if torch.is_tensor(v))
+        self.nbytes = grads + state
+
+
+def _metered_step(trainer: Trainer, batches: Any, device: torch.device) -> tuple[int, dict[str, int]]:
+    """One optimizer step whose memory is measured: on CUDA the allocator's peak; on CPU, exactly, the bytes
+    saved for backward (activations, each storage once, weights excluded) plus gradients and optimizer state."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        trainer.train_step(batches)
+        return torch.cuda.max_memory_allocated(), {}
+    meter, state = SavedTensorMeter(trainer.model), _StateBytes()
+    trainer.callbacks.append(state)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda t: t):
+            trainer.train_step(batches)
+    finally:
+        trainer.callbacks.remove(state)
+        meter.close()
+    return meter.nbytes + state.nbytes, meter.by_module()
+
+
 def interleaved(models: dict[str, nn.Module], batch: dict[str, torch.Tensor], steps: int,
-                device: torch.device, protocol: str = "encoder", warmup: int = 2) -> Interleaved:
+                device: torch.device, protocol: str = "encoder", warmup: int = 2,
+                precision: str = "fp32") -> Interleaved:
     """Real optimizer steps of every setup (the package's Trainer, each method's hooks included), taken
     round-robin: round i runs one step of each setup, the order rotated by one each round, so that no
-    setup always runs first or right after a given other one. ``warmup`` rounds are not timed."""
-    config = TrainConfig(lr=1e-4, max_steps=steps + warmup, batch_size=len(batch["labels"]), warmup_ratio=0.0,
-                         schedule="constant", max_grad_norm=None, device=str(device), progress=False)
+    setup always runs first or right after a given other one. ``warmup`` rounds are not timed; one more
+    round measures memory (:func:`_metered_step`), untimed."""
+    config = TrainConfig(lr=1e-4, max_steps=steps + warmup + 1, batch_size=len(batch["labels"]), warmup_ratio=0.0,
+                         schedule="constant", max_grad_norm=None, device=str(device), precision=precision,
+                         progress=False)
     trainers = {name: Trainer(model, _task_of(batch, protocol), config) for name, model in models.items()}
     batches = {}
     for name, trainer in trainers.items():
@@ -189,18 +207,21 @@ def interleaved(models: dict[str, nn.Module], batch: dict[str, torch.Tensor], st
                 torch.cuda.synchronize()
             if i >= warmup:
                 times[name].append(time.perf_counter() - started)
-    return Interleaved(times)
+    result = Interleaved(times, trainable={name: count_parameters(m)[0] for name, m in models.items()})
+    for name in names:
+        result.memory[name], result.saved[name] = _metered_step(trainers[name], batches[name], device)
+    return result
 
 
-def measure(name: str, model: nn.Module, batch: dict[str, torch.Tensor], steps: int,
-            device: torch.device, protocol: str = "encoder") -> BenchResult:
-    """``steps`` timed optimizer steps after two warm-up steps (allocator, optimizer state)."""
-    probe = _Probe(device)
-    config = TrainConfig(lr=1e-4, max_steps=steps + 2, batch_size=len(batch["labels"]), warmup_ratio=0.0,
-                         schedule="constant", max_grad_norm=None, device=str(device), progress=False)
-    Trainer(model, _task_of(batch, protocol), config, callbacks=[probe]).train()
-    trainable, _ = count_parameters(model)
-    return BenchResult(name, statistics.median(probe.times[2:]), probe.memory / 2**20, trainable)
+def saved_by_module(result: Interleaved, name: str, depth: int = 1) -> dict[str, int]:
+    """Bytes ``name`` saved for backward, by module path with layer numbers dropped and ``depth`` trailing
+    parts kept (``attention.self.query`` → ``query`` at depth 1): where a method's activation memory goes."""
+    out: dict[str, int] = {}
+    for module, n in result.saved[name].items():
+        parts = [p for p in module.split(".") if not p.isdigit() and p not in ("base_layer", "model")]
+        key = ".".join(parts[-depth:]) if parts else "(model)"
+        out[key] = out.get(key, 0) + n
+    return out
 
 
 HEAD = list(MODELS["minilm"].head_modules)  # trained in every setup
@@ -243,7 +264,8 @@ def setups(r: int = 8, steps: int = 10) -> dict[str, Callable[[nn.Module], nn.Mo
 
 
 def run_benchmark(batch_size: int = 16, seq_len: int = 128, steps: int = 10, r: int = 8,
-                  device: str = "cpu", only: list[str] | None = None) -> list[BenchResult]:
+                  device: str = "cpu", only: list[str] | None = None, precision: str = "fp32") -> Interleaved:
+    """Every setup (or ``only`` these) on one MiniLM batch, interleaved: ``steps`` timed rounds."""
     all_setups = setups(r, steps)
     unknown = set(only or ()) - set(all_setups)
     if unknown:
@@ -253,21 +275,17 @@ def run_benchmark(batch_size: int = 16, seq_len: int = 128, steps: int = 10, r: 
     batch = {"input_ids": torch.randint(1000, 20000, (batch_size, seq_len)),
              "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long),
              "labels": torch.randint(0, 2, (batch_size,))}
-    return [measure(name, build(copy.deepcopy(base)), batch, steps, torch.device(device))
-            for name, build in all_setups.items() if not only or name in only]
+    models = {name: build(copy.deepcopy(base)) for name, build in all_setups.items() if not only or name in only}
+    return interleaved(models, batch, steps, torch.device(device), precision=precision)
 
 
-def ratios(results: list[BenchResult]) -> dict[str, float]:
-    """LoRA against the frozen floor, and each of our methods against peft's implementation of it."""
-    t = {r.name: r.seconds_per_step for r in results}
-    out = {}
+def ratios(result: Interleaved) -> dict[str, float]:
+    """Paired step-time ratios from one interleaved run: LoRA against the frozen floor, and each of our methods
+    against peft's implementation of it (every setup against LoRA is a column of :meth:`Interleaved.rows`)."""
+    t = result.times
     lora = LoraConfig.method  # the book's reference method, whose count defines the budgets
-    if lora in t and "frozen" in t:
-        out[f"{lora} / frozen"] = t[lora] / t["frozen"]
-    for name in t:
-        if f"peft:{name}" in t:
-            out[f"{name} / peft:{name}"] = t[name] / t[f"peft:{name}"]
-    return out
+    pairs = [(lora, "frozen")] + [(name, f"peft:{name}") for name in t]
+    return {f"{a} / {b}": result.ratio(a, b) for a, b in pairs if a in t and b in t}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -277,15 +295,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--only", nargs="*", help="setup names (default: all)")
     args = parser.parse_args(argv)
-    results = run_benchmark(args.batch, args.seq, args.steps, args.rank, args.device, args.only)
+    result = run_benchmark(args.batch, args.seq, args.steps, args.rank, args.device, args.only, args.precision)
     print(f"MiniLM, batch {args.batch} x {args.seq} tokens, r={args.rank} on all linear layers, {args.device}, "
-          f"{torch.get_num_threads()} threads, median of {args.steps} steps")
-    for r in results:
-        print(f"  {r.name:11s} {r.seconds_per_step:8.4f} s/step  {r.memory_mb:8.1f} MB  {r.trainable:>11,} trainable")
-    for k, v in ratios(results).items():
-        print(f"  {k:22s} {v:.3f}")
+          f"{args.precision}, {torch.get_num_threads()} threads; {args.steps} interleaved rounds (median, IQR)")
+    lora = LoraConfig.method
+    for name in result.times:
+        q1, q3 = result.iqr(name)
+        paired = f"{result.ratio(name, lora):6.3f} × {lora}" if lora in result.times else ""
+        print(f"  {name:13s} {result.median(name):8.4f} s/step  IQR {q1:.4f}–{q3:.4f}  {paired}  "
+              f"{result.memory[name] / 2**20:8.1f} MB  {result.trainable[name]:>11,} trainable")
+    for k, v in ratios(result).items():
+        a, b = k.split(" / ")
+        q1, q3 = result.ratio_iqr(a, b)
+        print(f"  {k:24s} {v:.3f}  (IQR {q1:.3f}–{q3:.3f})")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,10 @@ the magnitude :math:`m \\in \\mathbb{R}^{d_{out}}` is trained directly:
   projection term, and the norm's graph is never stored.
 * With LoRA dropout ``p > 0`` the official code and peft compute
   ``h = W_0 x + (m/C − 1) ⊙ W_0 x̃ + (m/C) ⊙ s B A x̃ + b_0`` with ``x̃ = drop(x)``; equal to the above at p = 0.
+* Memory: the fused layer saves its input ``x`` (as LoRA does) and its output ``h``, from which
+  backward reads ``W'x`` for ``∂L/∂m``. Where the next operation saves ``h`` anyway (an activation
+  function, a GPU attention kernel) that costs nothing; elsewhere it is one more activation, unless the
+  layer recomputes ``W'x`` in backward instead, one more GEMM (:func:`recompute_outputs` chooses layers).
 * Mergeable: ``W'`` is written into the base weight. Unmerging needs the ``C`` of the merge (the
   merged weight no longer contains ``W_0 + sBA`` separately), so merge keeps it.
 
@@ -32,10 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .core import MethodCard, register_method
+from .core import MethodCard, register_method, suffix_match
 from .lora import LoraConfig, LoRALinear
 
-__all__ = ["DoraConfig", "DoRALinear", "magnitude_direction_change"]
+__all__ = ["DoraConfig", "DoRALinear", "magnitude_direction_change", "recompute_outputs"]
 
 
 def _row_norm(weight: Tensor) -> Tensor:
@@ -60,11 +64,11 @@ class _FusedDoRA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, m: Tensor,
-                scaling: float) -> Tensor:
+                scaling: float, keep_output: bool) -> Tensor:
         V = torch.addmm(weight, B, A, alpha=scaling)
         C = _row_norm(V)
         h = F.linear(x, V.mul_((m / C).unsqueeze(1)), bias)
-        ctx.save_for_backward(x, weight, bias, A, B, m, C, h)
+        ctx.save_for_backward(x, weight, bias, A, B, m, C, h if keep_output else None)
         ctx.scaling = scaling
         return h
 
@@ -74,24 +78,34 @@ class _FusedDoRA(torch.autograd.Function):
         s = ctx.scaling
         u = (m / C).unsqueeze(1)
         g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+        # W' is rebuilt rather than stored; without the kept output, dm needs W' x again (one more GEMM).
+        W = torch.addmm(weight, B, A, alpha=s).mul_(u) if ctx.needs_input_grad[0] or h is None else None
         dx = dA = dB = dm = None
         if ctx.needs_input_grad[0]:
-            dx = (g2 @ torch.addmm(weight, B, A, alpha=s).mul_(u)).view(x.shape)
+            dx = (g2 @ W).view(x.shape)
         if ctx.needs_input_grad[3]:
             dA = ((B * u).t() @ g2.t()).mm(x2).mul_(s)
+        g_sum = None
         if ctx.needs_input_grad[4]:
-            dB = (A @ x2.t()).mm(g2).t().mul_(u).mul_(s)
+            # A row of ones under A xᵀ makes the same GEMM give Σ_n g_n too (dm's bias term) for free.
+            ax = A @ x2.t()
+            if bias is not None and ctx.needs_input_grad[5]:
+                ax = torch.cat([ax, ax.new_ones(1, ax.shape[1])])
+            axg = ax.mm(g2)
+            dB = axg[: A.shape[0]].t().mul(u).mul_(s)
+            g_sum = axg[A.shape[0]] if axg.shape[0] > A.shape[0] else None
         if ctx.needs_input_grad[5]:
-            # Σ_n g_nj (h_nj − b_j) as a column-wise dot product: no N × d_out temporary.
-            dm = torch.linalg.vecdot(g2, h.reshape(g2.shape), dim=0)
+            # Σ_n g_nj (h_nj − b_j) as a column-wise dot product.
+            h2 = h.reshape(g2.shape) if h is not None else F.linear(x2, W, bias)
+            dm = torch.linalg.vecdot(g2, h2, dim=0)
             if bias is not None:
-                dm -= bias * g2.sum(0)
+                dm -= bias * (g_sum if g_sum is not None else g2.sum(0))
             dm /= m
             dead = (m == 0).nonzero().squeeze(1)
             if dead.numel():
                 V_dead = torch.addmm(weight[dead], B[dead], A, alpha=s)
                 dm[dead] = (g2[:, dead] * (x2 @ V_dead.t())).sum(0) / C[dead]
-        return dx, None, None, dA, dB, dm, None
+        return dx, None, None, dA, dB, dm, None, None
 
 
 class DoRALinear(LoRALinear):
@@ -107,6 +121,7 @@ class DoRALinear(LoRALinear):
         self.magnitude = nn.Parameter(_row_norm(w.float()).to(w.dtype))
         # C of the last merge, needed to undo it (not part of the adapter's saved state).
         self.register_buffer("merged_norm", None, persistent=False)
+        self.keep_output = True  # save h for backward (False: recompute W'x there; see recompute_outputs)
 
     def weight_norm(self) -> Tensor:
         """C = ‖W0 + s·BA‖_c, detached (the paper's §4.3 treatment)."""
@@ -155,7 +170,7 @@ class DoRALinear(LoRALinear):
             return self.base_layer(x)
         if self._can_fuse():
             return _FusedDoRA.apply(x, self.base_layer.weight, self.base_layer.bias, self.lora_A, self.lora_B,
-                                    self.magnitude, self.scaling)
+                                    self.magnitude, self.scaling, self.keep_output)
         # Unfused (dropout active, half precision, trainable base): the official/peft form, autograd does the rest.
         base = self.base_layer
         h = base(x)
@@ -200,6 +215,17 @@ class DoraConfig(LoraConfig):
     def num_parameters(self, d_in: int, d_out: int) -> int:
         """Trainable parameters DoRA adds to one d_out × d_in linear: r (d_in + d_out) + d_out."""
         return super().num_parameters(d_in, d_out) + d_out
+
+
+def recompute_outputs(model: nn.Module, target_modules: list[str]) -> list[str]:
+    """Make the DoRA layers whose names end with one of ``target_modules`` recompute ``W'x`` in backward rather
+    than keep their output: one activation less per layer, one more ``N × d_in × d_out`` GEMM per step. Worth it
+    where the next operation does not save the output itself. Returns the layers changed."""
+    changed = [name for name, module in model.named_modules()
+               if isinstance(module, DoRALinear) and suffix_match(name, target_modules)]
+    for name in changed:
+        model.get_submodule(name).keep_output = False
+    return changed
 
 
 @torch.no_grad()

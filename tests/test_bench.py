@@ -9,7 +9,7 @@ import torch
 
 from lorafam_nb import LoraConfig, count_parameters, get_adapter_model
 from lorafam_nb import grid
-from lorafam_nb.bench import HEAD, TARGETS, measure, method_config, ratios, run_benchmark, setups
+from lorafam_nb.bench import HEAD, TARGETS, interleaved, method_config, ratios, run_benchmark, saved_by_module, setups
 from lorafam_nb.core import import_methods
 from lorafam_nb.models import MODELS
 
@@ -33,29 +33,31 @@ def test_method_configs_are_sized_by_the_grids_rule():
     assert method_config(methods["delta_lora"], r=4, steps=10).start_step == 1  # its update is timed from step 2
 
 
-def test_measure_times_the_requested_steps_and_counts_training_state(bert):
+def test_interleaved_run_counts_training_state(bert):
     batch = {"input_ids": torch.randint(1, 100, (4, 12)), "attention_mask": torch.ones(4, 12, dtype=torch.long),
              "labels": torch.tensor([0, 1, 0, 1])}
     model = get_adapter_model(bert, LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"],
                                                modules_to_save=["classifier"]))
-    result = measure("lora", model, batch, steps=3, device=torch.device("cpu"))
+    result = interleaved({"lora": model}, batch, steps=3, device=torch.device("cpu"), warmup=1)
     trainable = count_parameters(model)[0]
-    assert result.trainable == trainable and result.seconds_per_step > 0
-    # Training state is at least gradients + two AdamW moments of every trainable float32 parameter.
-    assert result.memory_mb * 2**20 > 3 * 4 * trainable
+    assert result.trainable == {"lora": trainable} and len(result.times["lora"]) == 3
+    # Training state is at least gradients + two AdamW moments of every trainable float32 parameter, and the
+    # saved activations are split by module: the adapted query layers saved their inputs.
+    assert result.memory["lora"] > 3 * 4 * trainable + sum(result.saved["lora"].values()) - 1
+    assert saved_by_module(result, "lora")["query"] > 0
 
 
 def test_memory_follows_each_design_on_minilm():
-    results = {r.name: r for r in run_benchmark(batch_size=2, seq_len=16, steps=1,
-                                                only=["lora", "lora_fa", "delta_lora", "dora", "peft:dora"])}
+    result = run_benchmark(batch_size=2, seq_len=16, steps=1, only=["lora", "lora_fa", "delta_lora", "dora", "peft:dora"])
+    memory = result.memory
     # LoRA-FA saves A·x (r wide) instead of x and trains no A; Delta-LoRA keeps no gradient or state for W.
-    assert results["lora_fa"].memory_mb < results["lora"].memory_mb
-    assert results["delta_lora"].memory_mb == pytest.approx(results["lora"].memory_mb, rel=0.01)
-    assert results["delta_lora"].trainable == results["lora"].trainable
+    assert memory["lora_fa"] < memory["lora"]
+    assert memory["delta_lora"] == pytest.approx(memory["lora"], rel=0.01)
+    assert result.trainable["delta_lora"] == result.trainable["lora"]
     # Ours detaches the norm and keeps no activation-sized tensor of its own; peft's DoRA keeps several.
-    assert results["dora"].memory_mb < results["peft:dora"].memory_mb
-    assert results["dora"].trainable == results["peft:dora"].trainable
-    assert set(ratios(list(results.values()))) == {"dora / peft:dora"}
+    assert memory["dora"] < memory["peft:dora"]
+    assert result.trainable["dora"] == result.trainable["peft:dora"]
+    assert set(ratios(result)) == {"dora / peft:dora"}
 
 
 def test_interleaved_steps_every_setup_in_rotating_rounds(bert, monkeypatch):
@@ -73,7 +75,9 @@ def test_interleaved_steps_every_setup_in_rotating_rounds(bert, monkeypatch):
     result = bench.interleaved(models, batch, steps=3, device=torch.device("cpu"), warmup=1)
     names = {id(m): n for n, m in models.items()}
     rounds = ["".join(names[id(m)] for m in order[i:i + 3]) for i in range(0, len(order), 3)]
-    assert rounds == ["abc", "bca", "cab", "abc"]  # one warm-up round, then three timed ones
+    # One warm-up round, three timed ones, then one untimed step of each to measure its memory.
+    assert rounds == ["abc", "bca", "cab", "abc", "abc"]
+    assert set(result.memory) == {"a", "b", "c"} and result.memory["c"] > result.memory["a"]  # rank 8 > rank 2
     assert {n: len(t) for n, t in result.times.items()} == {"a": 3, "b": 3, "c": 3}
     assert all(m.adapter_layers()["bert.encoder.layer.0.attention.self.query"].lora_B.abs().sum() > 0
                for m in models.values())  # real optimizer steps

@@ -14,10 +14,11 @@ from lorafam_nb.dora import DoraConfig, DoRALinear, magnitude_direction_change
 X = torch.randint(0, 100, (3, 10))
 
 
-def _layer(d_in: int = 20, d_out: int = 12, r: int = 3, scaling: float = 2.0, dropout: float = 0.0) -> DoRALinear:
+def _layer(d_in: int = 20, d_out: int = 12, r: int = 3, scaling: float = 2.0, dropout: float = 0.0,
+           bias: bool = True) -> DoRALinear:
     """A DoRA layer moved away from init: B random, m off the row norms."""
     torch.manual_seed(0)
-    layer = DoRALinear(nn.Linear(d_in, d_out).requires_grad_(False), r, r * scaling, dropout, scaling)
+    layer = DoRALinear(nn.Linear(d_in, d_out, bias=bias).requires_grad_(False), r, r * scaling, dropout, scaling)
     with torch.no_grad():
         layer.lora_B.normal_(0, 0.5)
         layer.magnitude.mul_(torch.rand(d_out) + 0.5)
@@ -60,10 +61,14 @@ def test_identity_at_init(bert):
     assert torch.equal(model(input_ids=X).logits, ref)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("keep_output", [True, False])
 @pytest.mark.parametrize("x_requires_grad", [True, False])
-def test_gradients_use_the_detached_norm(x_requires_grad):
-    """The fused backward equals autograd through W' with C detached, and differs from the undetached one."""
-    layer = _layer()
+def test_gradients_use_the_detached_norm(x_requires_grad, keep_output, bias):
+    """The fused backward equals autograd through W' with C detached, and differs from the undetached one;
+    whether it reads W'x back from the kept output or computes it again."""
+    layer = _layer(bias=bias)
+    layer.keep_output = keep_output
     x = torch.randn(4, 5, 20, requires_grad=x_requires_grad)
     g = torch.randn(4, 5, 12)
     layer(x).backward(g)
@@ -71,7 +76,7 @@ def test_gradients_use_the_detached_norm(x_requires_grad):
     for detach in (True, False):
         params, W = _dense(layer, detach)
         x2 = x.detach().clone().requires_grad_(x_requires_grad)
-        (x2 @ W.T + layer.base_layer.bias).backward(g)
+        (x2 @ W.T + (layer.base_layer.bias if bias else 0)).backward(g)
         if detach:
             for got, want in zip(ours, [p.grad for p in params]):
                 torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -82,6 +87,28 @@ def test_gradients_use_the_detached_norm(x_requires_grad):
             torch.testing.assert_close(ours[2], params[2].grad, atol=1e-5, rtol=1e-5)
             assert (ours[0] - params[0].grad).abs().max() > 1e-3
             assert (ours[1] - params[1].grad).abs().max() > 1e-3
+
+
+def test_recomputing_outputs_saves_one_output_per_layer(bert):
+    from lorafam_nb.bench import SavedTensorMeter
+    from lorafam_nb.dora import recompute_outputs
+
+    # The attention's output projection: its output goes to a residual sum, which LayerNorm saves instead.
+    model = get_adapter_model(bert, DoraConfig(r=4, target_modules=["query", "attention.output.dense"],
+                                               modules_to_save=["classifier"]))
+
+    def saved_bytes() -> int:
+        meter = SavedTensorMeter(model)
+        with torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda t: t):
+            model(input_ids=X).logits.sum().backward()
+        meter.close()
+        return meter.nbytes
+
+    kept = saved_bytes()
+    assert recompute_outputs(model, ["attention.output.dense"]) == [
+        f"model.bert.encoder.layer.{i}.attention.output.dense" for i in (0, 1)]
+    # One (3, 10, 32) float32 output of each of the two layers is no longer kept.
+    assert kept - saved_bytes() == 2 * 3 * 10 * 32 * 4
 
 
 def test_zero_magnitude_rows_and_unfused_path_agree_with_fused():
