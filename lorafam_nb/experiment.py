@@ -37,14 +37,14 @@ import torch
 from torch import nn
 
 from . import distributed
-from .core import AdapterConfig, count_parameters, get_adapter_model, suffix_match
+from .core import AdapterConfig, AdapterModel, count_parameters, get_adapter_model, suffix_match
 from .data import load_task, task_info
 from .models import load_model, load_tokenizer, model_spec
 from .results import Store, code_fingerprint, code_identity, is_code, json_value, key_of, provenance
 from .tasks import EncodedTask, encode
 from .trainer import Callback, TrainConfig, Trainer, TrainResult, set_seed
 
-__all__ = ["AtEnd", "ReusedRunError", "RunOutput", "RunSpec", "build_model", "describe", "encode_task", "run", "run_inputs",
+__all__ = ["AtEnd", "ModelFacts", "ReusedRunError", "adapter_parameters", "RunOutput", "RunSpec", "build_model", "describe", "encode_task", "run", "run_inputs",
            "run_record", "spec_from_inputs", "train_head_only", "training_set"]
 
 # TrainConfig fields that do not change a number (display, checkpoint files) or that are hardware (the
@@ -169,6 +169,32 @@ class AtEnd(Callback):
 
     def restore(self, data: Any) -> None:
         self.value = data
+
+
+def adapter_parameters(model: AdapterModel) -> tuple[int, int]:
+    """(adapter, head) trainable parameter counts: the head (``modules_to_save``) is counted apart."""
+    heads = model.adapter_config.modules_to_save
+    seen: dict[int, int] = {}
+    for name, module in model.model.named_modules():
+        if name and suffix_match(name, heads):
+            seen.update({id(p): p.numel() for p in module.parameters() if p.requires_grad})
+    head = sum(seen.values())
+    return count_parameters(model)[0] - head, head
+
+
+class ModelFacts(Callback):
+    """What a record needs from an adapter model once the method's first stage has run (LoRA-drop's probe
+    decides the layers): the trainable adapter and head counts, and the adapter config that trained. (Here,
+    not in the grid, so that an edit to the grid's tables leaves its records' keys alone.)"""
+
+    record_name = "model_facts"
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        self.adapter, self.head = adapter_parameters(trainer.model)
+        self.adapter_trained = trainer.model.adapter_config.to_dict()
+
+    def record(self) -> dict[str, Any]:
+        return {"adapter": self.adapter, "head": self.head, "adapter_trained": self.adapter_trained}
 
 
 class ReusedRunError(LookupError):
@@ -334,7 +360,7 @@ def run(spec: RunSpec, model: nn.Module | None = None, *, callbacks: Sequence[Ca
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
     }
     records = {_record_name(c): json_value(c.record()) for c in trainer.callbacks if hasattr(c, "record")}
-    _restore(trainer.callbacks, records)
+    _restore(callbacks, records)  # the caller's only: the adapter's own callbacks still serve the live model
     out = RunOutput(json_value(row), json_value(result.history), json_value(result.evals), records,
                     provenance(profile, time.perf_counter() - started, str(trainer.device),
                                distributed.world_size() if trainer.parallel else 1),

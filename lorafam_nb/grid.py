@@ -38,17 +38,17 @@ from torch import nn
 
 from . import distributed, experiment, results
 from .architectures import meta_model
-from .core import (BUDGET_TOLERANCE, METHOD_PATHS, AdapterConfig, AdapterModel, Site, count_parameters, import_methods,
-                   suffix_match, target_module_names)
+from .core import (BUDGET_TOLERANCE, METHOD_PATHS, AdapterConfig, Site, count_parameters, import_methods,
+                   target_module_names)
 from .data import load_task
-from .experiment import RunSpec
+from .experiment import ModelFacts, RunSpec, adapter_parameters
 from .lora import LoraConfig
 from .models import MODELS, load_model
-from .trainer import Callback, Trainer, TrainConfig, resolve_device
+from .trainer import Callback, TrainConfig, resolve_device
 
 __all__ = [
     "MIX", "PROFILES", "REFERENCE_MODELS", "TASKS", "Budget", "GridReport", "GridRun", "ModelSettings",
-    "Profile", "budget_table", "comparison_table", "default_results_dir", "execute", "load_results",
+    "Profile", "adapter_parameters", "budget_table", "comparison_table", "default_results_dir", "execute", "load_results",
     "match_budget", "reference_count", "model_shape", "multitask_table", "plan", "run_grid",
 ]
 
@@ -232,7 +232,7 @@ class GridRun:
     def inputs(self, facts: Callback | None = None) -> dict[str, Any]:
         """The cell's run inputs (:func:`lorafam_nb.experiment.run_inputs`), the plan as context."""
         spec = self.spec(AdapterConfig.from_dict(self.adapter))
-        return experiment.run_inputs(spec, self.profile, [facts or CellFacts()], context=dataclasses.asdict(self))
+        return experiment.run_inputs(spec, self.profile, [facts or ModelFacts()], context=dataclasses.asdict(self))
 
     def spec(self, config: AdapterConfig, device: str = "auto") -> RunSpec:
         s = self.settings
@@ -293,39 +293,14 @@ def plan(profile: Profile | str, seed: int = 0) -> list[GridRun]:
     return runs
 
 
-def adapter_parameters(model: AdapterModel) -> tuple[int, int]:
-    """(adapter, head) trainable parameter counts: the head (``modules_to_save``) is counted apart."""
-    heads = model.adapter_config.modules_to_save
-    seen: dict[int, int] = {}
-    for name, module in model.model.named_modules():
-        if name and suffix_match(name, heads):
-            seen.update({id(p): p.numel() for p in module.parameters() if p.requires_grad})
-    head = sum(seen.values())
-    return count_parameters(model)[0] - head, head
-
-
-class CellFacts(Callback):
-    """What a cell's record needs from its model once the method's first stage has run (LoRA-drop's probe
-    decides the layers): the real adapter and head counts and the adapter config that trained."""
-
-    record_name = "cell"
-
-    def on_train_begin(self, trainer: Trainer) -> None:
-        self.adapter, self.head = adapter_parameters(trainer.model)
-        self.adapter_trained = trainer.model.adapter_config.to_dict()
-
-    def record(self) -> dict[str, Any]:
-        return {"adapter": self.adapter, "head": self.head, "adapter_trained": self.adapter_trained}
-
-
 def execute(run: GridRun, device: str = "auto") -> dict[str, Any]:
     """Train one cell and return its record: the store's record of the run, plus the grid's fields."""
-    facts = CellFacts()
+    facts = ModelFacts()
     inputs = run.inputs(facts)
     # build_model inside run() runs the method's own first stage, if it has one (LoRA-drop's probe).
     out = experiment.run(run.spec(AdapterConfig.from_dict(run.adapter), device), callbacks=[facts],
                          profile=run.profile)
-    cell = out.records["cell"]
+    cell = out.records[facts.record_name]
     return {
         **experiment.run_record(out, inputs),
         "config": dataclasses.asdict(run), "profile": run.profile, "seed": run.seed,

@@ -142,6 +142,12 @@ def test_the_fingerprint_covers_what_the_run_imports_and_no_more():
     from lorafam_nb.moe.mixlora import MixLoraConfig
     mix = experiment.run_inputs(small_spec(finetune=MixLoraConfig(r=2, num_experts=2, top_k=1)), "smoke")["code"]
     assert {"lorafam_nb.moe.mixlora", "lorafam_nb.moe.layers", "lorafam_nb.moe.routers"} <= set(mix["modules"])
+    # A grid cell: its plan is in the key (context), the grid's own code (tables, budgets) is not.
+    profile = grid.Profile("t", {"minilm": grid.ModelSettings(4, 4, 16, 4, 1e-3)}, methods=("lora",),
+                           tasks=("boolq",), multi_task=False)
+    (cell,) = grid.plan(profile)
+    inputs = cell.inputs()
+    assert "lorafam_nb.grid" not in inputs["code"]["modules"] and inputs["context"]["budget"] == cell.budget
 
 
 def _callback_class(body: str) -> type[Callback]:
