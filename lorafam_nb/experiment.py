@@ -19,7 +19,8 @@ callback passed to ``run(spec, callbacks=[...])``. A callback may implement:
   as in a reused one, so the chapter reads the callback the same way in both cases;
 * ``settings(self) -> dict``: what the callback was given, for the key (default: its attributes before the
   run that are not code, which must then be JSON-able). Its class's code, and the functions it holds, are
-  part of the key too (:func:`lorafam_nb.results.code_identity`).
+  part of the key too (:func:`lorafam_nb.results.code_identity`), with the globals that code reads: a
+  callback keeps its log on itself (and gives it through ``record``), never in a global it reads.
 
 :class:`AtEnd` covers the common case: ``run(spec, callbacks=[AtEnd("merged", check)])`` records
 ``check(trainer)``, computed on the trained model, as ``out.records["merged"]``.
@@ -40,7 +41,7 @@ from . import distributed
 from .core import AdapterConfig, AdapterModel, count_parameters, get_adapter_model, suffix_match
 from .data import load_task, task_info
 from .models import load_model, load_tokenizer, model_spec
-from .results import Store, code_fingerprint, code_identity, is_code, json_value, key_of, provenance
+from .results import Store, code_fingerprint, code_identity, is_code, json_value, key_of, provenance, remember_loaded
 from .tasks import EncodedTask, encode
 from .trainer import Callback, TrainConfig, Trainer, TrainResult, set_seed
 
@@ -370,3 +371,6 @@ def run(spec: RunSpec, model: nn.Module | None = None, *, callbacks: Sequence[Ca
         if not trainer.parallel or distributed.is_main():
             store.put(run_record(out, inputs))
     return out
+
+
+remember_loaded()  # the package's code as this process loaded it (the store's keys name it)

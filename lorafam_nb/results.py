@@ -15,17 +15,20 @@ changed input gives another key, so the old record is simply not found (it stays
 
 **What the code fingerprint covers.** The source of every ``lorafam_nb`` module the run can execute: the
 static import closure (imports inside functions and under ``TYPE_CHECKING`` included) of
-:mod:`lorafam_nb.experiment` and of the modules defining the adapter config's and the callbacks' classes;
-the shipped data's manifest (its sha256 sums); and the versions of torch, transformers, tokenizers and the
-package that ships the model's weights. Classes and functions defined outside the package (a chapter's
-callback, a function it calls, a test's config) are fingerprinted by their own code (bytecode, constants
-and names: independent of the file and line they sit at) and by what that code refers to: other such
-functions and classes, package modules (then in the closure), constants, captured values and tensors (by
-their values). A referenced library object (a model) counts by its type only: pass its state as a setting. A hash over the whole package would be simpler, but every edit to any method
-would then invalidate every chapter's records; the closure changes only the records that can depend on
-the edit. A hub model is named by its id alone (its revision is not pinned). Parent packages' ``__init__`` files are not followed (they only re-export), nor the method
-registry's imports by name (a method module, when imported, only registers its own config), nor this
-module (it computes no number; a change to the key scheme changes the keys anyway).
+:mod:`lorafam_nb.experiment` and of the modules that define what the run was given (the adapter config's
+class, the callbacks' classes and the functions they hold); the shipped data's manifest (its sha256 sums);
+and the versions of torch, transformers, tokenizers and the package that ships the model's weights (a hub
+model is named by its id alone: its revision is not pinned). Code defined outside the package (a
+chapter's callback, a function it calls, a test's config) is fingerprinted by what it does (bytecode,
+constants and names, independent of the file and line it sits at) and by what it refers to: other such
+functions and classes, package modules (then in the closure), constants, captured values, tensors by their
+values. A referenced library object (a model) counts by its type only: pass its state as a setting.
+
+A hash over the whole package would be simpler and safe, but every edit to any method would invalidate
+every chapter's records; the closure changes only the records that can depend on the edit. Not followed:
+parent packages' ``__init__`` files (they re-export), the method registry's imports by name (a method
+module, when imported, only registers its own config), and this module (it computes no number; a change
+to the key scheme changes the keys anyway).
 
 **What the key leaves out**, on purpose: the run's label (its name in tables, refreshed on reuse), the
 progress bar, checkpoint folders and intervals, the device and the data-parallel split. The device and
@@ -60,7 +63,7 @@ from typing import Any
 import torch
 
 __all__ = ["Store", "code_fingerprint", "code_identity", "default_dir", "git_commit", "is_code", "json_value", "key_of",
-           "load_records", "provenance", "read_records", "write_json"]
+           "load_records", "provenance", "read_records", "remember_loaded", "write_json"]
 
 PACKAGE = __name__.rpartition(".")[0]
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -166,6 +169,22 @@ def _imports(module: str, source: str) -> frozenset[str]:
     return frozenset(m for m in found if m not in (PACKAGE, __name__) and _module_file(m) is not None)
 
 
+@functools.lru_cache(maxsize=None)
+def _source(path: Path) -> str:
+    """A module's source as this process first read it. A file edited while the process runs keeps the
+    digest of what the process loaded, so records computed by the old code are not filed under the new
+    code's key (the process must restart to run, and record, the edit)."""
+    return path.read_text()
+
+
+def remember_loaded() -> None:
+    """Read the source of every package module this process has imported so far: the code it runs. Called
+    when this module and :mod:`lorafam_nb.experiment` load; a module imported later is read at first use."""
+    for module in [m for m in sys.modules if m.partition(".")[0] == PACKAGE]:
+        if _module_file(module) is not None:
+            _source(_module_file(module))
+
+
 def _closure(seeds: Iterable[str]) -> dict[str, str]:
     """Every package module reachable from ``seeds`` by static imports -> sha256 of its source."""
     digests: dict[str, str] = {}
@@ -174,7 +193,7 @@ def _closure(seeds: Iterable[str]) -> dict[str, str]:
         module = todo.pop()
         if module in digests:
             continue
-        source = _module_file(module).read_text()
+        source = _source(_module_file(module))
         digests[module] = hashlib.sha256(source.encode()).hexdigest()[:16]
         todo.extend(_imports(module, source))
     return dict(sorted(digests.items()))
@@ -400,3 +419,5 @@ class Store:
     def frame(self, keys: Sequence[str] | None = None) -> Any:
         return load_records(self.directory, keys)
 
+
+remember_loaded()

@@ -117,6 +117,9 @@ def test_every_input_that_changes_a_number_changes_the_key_and_retrains(tmp_path
     monkeypatch.setattr(results, "_module_file", lambda m: edited if m == "lorafam_nb.trainer" else real(m))
     out = run(small_spec(), store=store, profile="smoke")
     assert not out.reused and out.key not in keys and len(trainings) == 2 + len(changed)
+    # This process runs the code it loaded: an edit to the file now is not what it runs, so its key stays.
+    edited.write_text(edited.read_text() + "# a later edit\n")
+    assert results.key_of(experiment.run_inputs(small_spec(), "smoke")) == out.key
 
 
 def test_what_does_not_change_a_number_keeps_the_key_and_training_settings_change_it(tmp_path):
