@@ -75,3 +75,18 @@ def test_tiny_twin_runs_the_smoke_grid(name, tmp_path):
     assert len(report.trained) == len(report.results) == len({r.method for r in report.runs}) >= 3
     for record in report.results:
         assert 0 <= record["accuracy"]["arc_e"] <= 1 and record["params"]["real"] > 0
+
+
+@pytest.mark.parametrize("alias, published", [("gemma-2b", 131_383_296), ("llama2-7b", 203_423_744)])
+def test_mixlora_count_equals_the_reference_tables(alias, published):
+    # The table's MixLoRA rows: 8 experts, top 2, r=16 on both models; our count of that config is theirs.
+    from lorafam_nb.moe.mixlora import MixLoraConfig
+
+    shape = grid.model_shape(alias)
+    config = MixLoraConfig(r=16, num_experts=8, top_k=2, target_modules=shape.targets)
+    assert config.model_parameters(config.sites(shape.base)) == published
+
+
+def test_the_rule_picks_the_published_mixlora_size_on_llama(full_plan):
+    budget = next(grid.Budget(**r.budget) for r in full_plan if r.model == LLAMA and r.method == "mixlora")
+    assert budget.values == {"r": 16, "num_experts": 8} and budget.closed_form == 203_423_744
