@@ -26,7 +26,7 @@ import argparse
 import copy
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,6 +104,7 @@ class Interleaved:
     memory: dict[str, int] = field(default_factory=dict)  # bytes: training state (CPU) or CUDA peak
     saved: dict[str, dict[str, int]] = field(default_factory=dict)  # CPU: saved bytes by module (SavedTensorMeter)
     trainable: dict[str, int] = field(default_factory=dict)
+    ops: dict[str, dict[str, float]] = field(default_factory=dict)  # profiled setups: seconds per operator
 
     def median(self, name: str) -> float:
         return statistics.median(self.times[name])
@@ -179,14 +180,23 @@ def _metered_step(trainer: Trainer, batches: Any, device: torch.device) -> tuple
     return meter.nbytes + state.nbytes, meter.by_module()
 
 
+def _profiled_step(trainer: Trainer, batches: Any) -> dict[str, float]:
+    """Seconds each operator took (its own time, not its callees') in one optimizer step."""
+    with torch.profiler.profile() as prof:
+        trainer.train_step(batches)
+    return {e.key: e.self_device_time_total / 1e6 if trainer.device.type == "cuda" else e.self_cpu_time_total / 1e6
+            for e in prof.key_averages()}
+
+
 def interleaved(models: dict[str, nn.Module], batch: dict[str, torch.Tensor], steps: int,
                 device: torch.device, protocol: str = "encoder", warmup: int = 2,
-                precision: str = "fp32") -> Interleaved:
+                precision: str = "fp32", profile: Sequence[str] = ()) -> Interleaved:
     """Real optimizer steps of every setup (the package's Trainer, each method's hooks included), taken
     round-robin: round i runs one step of each setup, the order rotated by one each round, so that no
     setup always runs first or right after a given other one. ``warmup`` rounds are not timed; one more
-    round measures memory (:func:`_metered_step`), untimed."""
-    config = TrainConfig(lr=1e-4, max_steps=steps + warmup + 1, batch_size=len(batch["labels"]), warmup_ratio=0.0,
+    round measures memory (:func:`_metered_step`), untimed, and the setups named in ``profile`` run one
+    step more under the profiler (where their time goes, by operator)."""
+    config = TrainConfig(lr=1e-4, max_steps=steps + warmup + 2, batch_size=len(batch["labels"]), warmup_ratio=0.0,
                          schedule="constant", max_grad_norm=None, device=str(device), precision=precision,
                          progress=False)
     trainers = {name: Trainer(model, _task_of(batch, protocol), config) for name, model in models.items()}
@@ -210,6 +220,8 @@ def interleaved(models: dict[str, nn.Module], batch: dict[str, torch.Tensor], st
     result = Interleaved(times, trainable={name: count_parameters(m)[0] for name, m in models.items()})
     for name in names:
         result.memory[name], result.saved[name] = _metered_step(trainers[name], batches[name], device)
+    for name in profile:
+        result.ops[name] = _profiled_step(trainers[name], batches[name])
     return result
 
 
@@ -264,8 +276,11 @@ def setups(r: int = 8, steps: int = 10) -> dict[str, Callable[[nn.Module], nn.Mo
 
 
 def run_benchmark(batch_size: int = 16, seq_len: int = 128, steps: int = 10, r: int = 8,
-                  device: str = "cpu", only: list[str] | None = None, precision: str = "fp32") -> Interleaved:
-    """Every setup (or ``only`` these) on one MiniLM batch, interleaved: ``steps`` timed rounds."""
+                  device: str = "cpu", only: list[str] | None = None, precision: str = "fp32",
+                  extra: dict[str, Callable[[nn.Module], nn.Module]] | None = None,
+                  profile: Sequence[str] = ()) -> Interleaved:
+    """Every setup (or ``only`` these), plus the caller's ``extra`` ones (name -> builder from a fresh MiniLM
+    classifier), on one MiniLM batch, interleaved: ``steps`` timed rounds; ``profile``: see :func:`interleaved`."""
     all_setups = setups(r, steps)
     unknown = set(only or ()) - set(all_setups)
     if unknown:
@@ -275,8 +290,9 @@ def run_benchmark(batch_size: int = 16, seq_len: int = 128, steps: int = 10, r: 
     batch = {"input_ids": torch.randint(1000, 20000, (batch_size, seq_len)),
              "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long),
              "labels": torch.randint(0, 2, (batch_size,))}
-    models = {name: build(copy.deepcopy(base)) for name, build in all_setups.items() if not only or name in only}
-    return interleaved(models, batch, steps, torch.device(device), precision=precision)
+    chosen = {name: build for name, build in all_setups.items() if not only or name in only} | (extra or {})
+    models = {name: build(copy.deepcopy(base)) for name, build in chosen.items()}
+    return interleaved(models, batch, steps, torch.device(device), precision=precision, profile=profile)
 
 
 def ratios(result: Interleaved) -> dict[str, float]:
