@@ -83,7 +83,11 @@ def test_qlora_on_bitsandbytes_matches_our_nf4():
     theirs = bnb.nn.Params4bit(linear.weight.detach().cpu(), requires_grad=False, quant_type="nf4",
                                compress_statistics=True, blocksize=64).cuda()
     reference = bnb.functional.dequantize_4bit(theirs.data, theirs.quant_state).float()
-    torch.testing.assert_close(ours.dequantize(), reference, rtol=0, atol=1e-6)
+    # The same codes and constants: a weight within float rounding of a midpoint between two codes may land on
+    # the other one (bitsandbytes multiplies by 1/absmax where we divide), so allow a few one-step flips.
+    diff = (ours.dequantize() - reference).abs()
+    assert (diff > 1e-6).float().mean() < 1e-4
+    assert diff.max() <= 0.25 * linear.weight.abs().max()  # NF4's widest step is < 0.25 of a block's absmax
     # A whole QLoRA model moved onto bitsandbytes' kernels computes what our de-quantising layer computes.
     layer = QLoRALinear(linear, r=8, lora_alpha=16, lora_dropout=0.0, scaling=2.0, compute_dtype=torch.bfloat16)
     nn.init.normal_(layer.lora_B)
