@@ -87,7 +87,7 @@ def test_qlora_on_bitsandbytes_matches_our_nf4():
     # the other one (bitsandbytes multiplies by 1/absmax where we divide), so allow a few one-step flips.
     diff = (ours.dequantize() - reference).abs()
     assert (diff > 1e-6).float().mean() < 1e-4
-    assert diff.max() <= 0.25 * linear.weight.abs().max()  # NF4's widest step is < 0.25 of a block's absmax
+    assert diff.max() <= 0.31 * linear.weight.abs().max()  # NF4's widest step, -1 to -0.696, is < 0.31 of an absmax
     # A whole QLoRA model moved onto bitsandbytes' kernels computes what our de-quantising layer computes.
     layer = QLoRALinear(linear, r=8, lora_alpha=16, lora_dropout=0.0, scaling=2.0, compute_dtype=torch.bfloat16)
     nn.init.normal_(layer.lora_B)
