@@ -6,6 +6,8 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 STAMP  := $(VENV)/.installed
 PROFILE ?= book
+# FRESH=1: recompute every run instead of reading it from the results store.
+FRESH ?=
 CHAPTERS := $(wildcard notebooks/*.ipynb)
 
 .PHONY: book test install clean smoke-outputs vendor-data
@@ -26,7 +28,7 @@ $(STAMP): pyproject.toml Makefile
 book: $(STAMP)
 	mkdir -p book/chapters
 	for nb in $(CHAPTERS); do \
-	  $(PY) -m papermill --log-level WARNING "$$nb" "book/chapters/$$(basename $$nb)" -p profile $(PROFILE) || exit 1; \
+	  LORAFAM_FRESH=$(FRESH) $(PY) -m papermill --log-level WARNING "$$nb" "book/chapters/$$(basename $$nb)" -p profile $(PROFILE) || exit 1; \
 	done
 	$(VENV)/bin/jupyter-book build . --builder html -W --keep-going
 	@echo "book: _build/html/index.html"
