@@ -63,7 +63,7 @@ def per_task_table(outputs: Mapping[str, RunOutput | dict[str, Any]]) -> Any:
     """One row per arm (the mapping's keys): each evaluated task's accuracy with its 95 % interval, the
     macro average over those tasks with its interval, and the trainable parameters. Accepts run outputs or
     their ``row`` dicts."""
-    import pandas as pd
+    from .notebook import table
 
     rows = []
     for arm, out in outputs.items():
@@ -75,4 +75,4 @@ def per_task_table(outputs: Mapping[str, RunOutput | dict[str, Any]]) -> Any:
         mean = sum(accs.values()) / len(accs)
         record["macro average"] = _cell(mean, *macro_interval(list(accs.values()), [ns[t] for t in accs]))
         rows.append(record)
-    return pd.DataFrame(rows)
+    return table(rows)  # the book's table: no index, fits the column

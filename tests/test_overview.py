@@ -126,7 +126,7 @@ def test_card_chapter_exists_is_in_the_toc_and_cites_the_paper(name):
     assert card.arxiv in entries[card.bibkey], f"bib entry {card.bibkey} does not carry arXiv {card.arxiv}"
     cells = json.loads(notebook.read_text())["cells"]
     markdown = "".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
-    cited = {key.strip() for keys in re.findall(r"\{cite[pt]?\}`([^`]+)`", markdown) for key in keys.split(",")}
+    cited = {key.strip() for keys in re.findall(r"\{cite(?::[pt])?\}`([^`]+)`", markdown) for key in keys.split(",")}
     assert card.bibkey in cited, f"notebooks/{card.chapter}.ipynb never cites {card.bibkey}"
 
 
