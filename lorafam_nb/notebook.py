@@ -177,7 +177,8 @@ def subplots(nrows: int = 1, ncols: int = 1, height: float = 3.6, **kwargs: Any)
 def show(fig: Any) -> None:
     """Finish and show a figure: a line with fewer than two points gets markers (a single point draws no
     line), titles and axis labels wrap to the width of their axes (an x label leaves room for the axis'
-    offset text, "1e-5"), and x tick labels that would overlap are turned by 30 degrees."""
+    offset text, "1e-5"), and x tick labels that would overlap are turned (by 30 degrees, or upright when
+    there are many)."""
     import matplotlib.pyplot as plt
 
     width, height = fig.get_figwidth(), fig.get_figheight()
@@ -204,9 +205,10 @@ def show(fig: Any) -> None:
                         key=lambda t: t.get_window_extent(renderer).x0)
         boxes = [t.get_window_extent(renderer) for t in labels]
         if any(left.x1 > right.x0 for left, right in zip(boxes, boxes[1:])):
+            steep = len(labels) > 8  # many labels: upright text would still collide at 30 degrees
             for t in labels:
-                t.set_rotation(30)
-                t.set_horizontalalignment("right")
+                t.set_rotation(90 if steep else 30)
+                t.set_horizontalalignment("center" if steep else "right")
     plt.show()
 
 
