@@ -180,9 +180,6 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
         steps_per_epoch = math.ceil(len(train_task) / (config.batch_size * config.grad_accum))
         self.total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
-        # The LR schedule runs over a window (first step, length): the whole run, unless a method
-        # restarts it (PeriodicLoRA's stages). The window is part of the checkpoint.
-        self.schedule_window = (0, self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: self._lr_factor(step))
         self.step = 0
         self.result = TrainResult()
@@ -191,17 +188,8 @@ class Trainer:
         self.scores: Tensor | None = None
 
     def _lr_factor(self, step: int) -> float:
-        start, length = self.schedule_window
-        warmup = int(self.config.warmup_ratio * length)
-        return lr_lambda(self.config.schedule, max(1, warmup) if warmup else 0, length)(step - start)
-
-    def restart_schedule(self, length: int) -> None:
-        """Forget the optimizer state and run a fresh LR schedule (warm-up included) over the next
-        ``length`` steps. For methods that train in stages."""
-        self.optimizer.state.clear()
-        self.schedule_window = (self.step, length)
-        for group, lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
-            group["lr"] = lr * self._lr_factor(self.step)
+        warmup = int(self.config.warmup_ratio * self.total_steps)
+        return lr_lambda(self.config.schedule, max(1, warmup) if warmup else 0, self.total_steps)(step)
 
     # --- data order -------------------------------------------------------------------------
     def micro_batches(self, start_step: int):
@@ -232,7 +220,6 @@ class Trainer:
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {
             "step": self.step, "config": asdict(self.config), "params": self._model_state(),
-            "schedule_window": self.schedule_window,
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "callbacks": [c.state_dict() for c in self.callbacks], "result": asdict(self.result),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
@@ -254,7 +241,6 @@ class Trainer:
                 for name, value in state["params"].items():
                     params[name].copy_(value)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule_window = tuple(state["schedule_window"])
         self.scheduler.load_state_dict(state["scheduler"])
         for callback, cb_state in zip(self.callbacks, state["callbacks"]):
             callback.load_state_dict(cb_state)

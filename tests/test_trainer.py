@@ -52,33 +52,6 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, grad_accum):
     assert all(torch.equal(v, params(full)[k]) for k, v in params(resumed).items())
 
 
-class Stages(Callback):
-    """Restart the schedule every 4 steps, the way a staged method (PeriodicLoRA) does."""
-    def on_step_end(self, trainer):
-        if trainer.step % 4 == 0:
-            trainer.restart_schedule(4)
-
-
-def test_restart_schedule_and_resume_across_stages(tmp_path):
-    model = lora_model()
-    trainer = Trainer(model, toy_task(), cfg(max_steps=12, warmup_ratio=0.25), callbacks=[Stages()])
-    lrs = []
-    trainer.callbacks.append(type("Rec", (Callback,), {"on_after_backward": lambda self, t: lrs.append(t.optimizer.param_groups[0]["lr"])})())
-    ref = trainer.train()
-    # the LR each step used: every 4-step stage repeats one warm-up step and a linear decay
-    # (4-step window, warm-up int(0.25·4) = 1 step, then linear decay over the remaining 3)
-    stage = [5e-3 * f for f in (1.0, 1.0, 2 / 3, 1 / 3)]
-    assert lrs[4:8] == pytest.approx(stage) and lrs[8:12] == pytest.approx(stage)
-    assert not trainer.optimizer.state or all("step" in s for s in trainer.optimizer.state.values())
-    config = cfg(max_steps=12, warmup_ratio=0.25, checkpoint_dir=str(tmp_path), checkpoint_every=3)
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(lora_model(), toy_task(), config, callbacks=[Stages(), Interrupt(7)]).train()
-    resumed = lora_model()
-    out = Trainer(resumed, toy_task(), config, callbacks=[Stages()]).train(resume=True)
-    assert [h["loss"] for h in out.history] == [h["loss"] for h in ref.history]
-    assert all(torch.equal(v, params(model)[k]) for k, v in params(resumed).items())
-
-
 def test_nan_loss_stops_naming_the_step():
     class Poison(Callback):
         def extra_loss(self, trainer):
