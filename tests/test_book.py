@@ -44,7 +44,7 @@ def test_no_page_loads_anything_from_the_network(built_book):
 
 # --- what the chapters show: the smoke banner, tables, figures (lorafam_nb.notebook) ---------------
 CHAPTERS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-REWORKED_WITH_THE_RESULTS_STORE = {"experiments", "performance"}  # their figures get captions in that work
+REWORKED_WITH_THE_RESULTS_STORE = {"experiments"}  # its figures get captions in that work
 
 
 def code_cells(notebook: Path) -> list[dict]:
