@@ -40,7 +40,7 @@ from torch import nn
 from . import distributed
 from .core import AdapterConfig, AdapterModel, count_parameters, get_adapter_model, suffix_match
 from .data import load_task, task_info
-from .models import load_model, load_tokenizer, model_spec
+from .models import architecture_of, load_model, load_tokenizer, model_spec
 from .results import Store, code_fingerprint, code_identity, is_code, json_value, key_of, provenance, remember_loaded
 from .tasks import EncodedTask, encode
 from .trainer import Callback, TrainConfig, Trainer, TrainResult, set_seed
@@ -79,9 +79,9 @@ class RunSpec:
         return self.mix or (self.task,)
 
     def resolved_protocol(self) -> str:
-        spec = model_spec(self.model)
-        decoder = spec is not None and spec.architecture == "decoder"
-        return self.protocol or ("label_token" if decoder else "encoder")
+        if self.protocol:
+            return self.protocol
+        return "label_token" if architecture_of(self.model) == "decoder" else "encoder"
 
 
 def _head_for(spec: RunSpec) -> tuple[str, int]:

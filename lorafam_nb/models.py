@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 from transformers import (
-    AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForImageClassification,
@@ -40,7 +39,7 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_MASKED_LM_MAPPING_NAMES,
 )
 
-from .architectures import TINY, tiny_config
+from .architectures import TINY, reference_config, tiny_config
 from .vision_models import convert_dinov2_onnx, convert_efficientnet, load_efficientnet
 
 
@@ -187,7 +186,7 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
         return load_tokenizer("smollm2-135m")
     if spec is None:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        architecture = _infer_architecture(name_or_path)
+        architecture = architecture_of(name_or_path)
     else:
         tokenizer = AutoTokenizer.from_pretrained(model_path(name_or_path), local_files_only=True)
         architecture = spec.architecture
@@ -323,9 +322,13 @@ def _convert(source: Path, out: Path) -> None:
     {".gguf": _convert_gguf, ".onnx": convert_dinov2_onnx, ".pth": convert_efficientnet}[source.suffix](source, out)
 
 
-def _infer_architecture(name_or_path: str) -> str:
-    """'decoder' for decoder-only models (causal LM and no masked-LM variant), else 'encoder'."""
-    config = AutoConfig.from_pretrained(name_or_path)
+def architecture_of(name_or_path: str) -> str:
+    """An embedded model's architecture; for any other model 'decoder' when it is decoder-only (causal LM and
+    no masked-LM variant), else 'encoder'. The reference table's hub ids are answered offline."""
+    spec = model_spec(name_or_path)
+    if spec is not None:
+        return spec.architecture
+    config = reference_config(name_or_path)
     causal_only = (
         config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
         and config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES

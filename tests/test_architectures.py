@@ -90,3 +90,14 @@ def test_mixlora_count_equals_the_reference_tables(alias, published):
 def test_the_rule_picks_the_published_mixlora_size_on_llama(full_plan):
     budget = next(grid.Budget(**r.budget) for r in full_plan if r.model == LLAMA and r.method == "mixlora")
     assert budget.values == {"r": 16, "num_experts": 8} and budget.closed_form == 203_423_744
+
+
+def test_reference_ids_run_with_the_decoder_protocol_offline():
+    # A run on a reference hub id scores answers through the LM head (label tokens), as on SmolLM2, without
+    # reaching the hub to find out that the model is a decoder.
+    from lorafam_nb.models import architecture_of
+
+    for model_id in (GEMMA, LLAMA, "tiny-gemma"):
+        assert architecture_of(model_id) == "decoder"
+        assert RunSpec(model=model_id, task="boolq").resolved_protocol() == "label_token"
+    assert RunSpec(model="minilm").resolved_protocol() == "encoder"
