@@ -309,7 +309,8 @@ class Trainer:
                     logged[name] = logged.get(name, 0.0) + value.item() * weight / cfg.grad_accum
         if self.parallel:  # the step of the whole micro-batch: gradients and logged values averaged
             distributed.all_reduce_gradients(self.trainable)
-            values = torch.tensor([total, *logged.values()], dtype=torch.float64)
+            # On the training device: NCCL reduces GPU tensors only.
+            values = torch.tensor([total, *logged.values()], dtype=torch.float64, device=self.device)
             torch.distributed.all_reduce(values)
             total, *rest = (values / distributed.world_size()).tolist()
             logged = dict(zip(logged, rest))
