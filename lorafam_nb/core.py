@@ -26,7 +26,6 @@ Seams for methods beyond one linear at a time (the mixtures, VeRA, LoRA-drop):
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import os
 import re
@@ -39,6 +38,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+# The registry of methods by name: its own module, which the results store's code fingerprint does not
+# follow (adding a method changes no other run's numbers).
+from .registry import METHOD_MODULES, METHOD_PATHS, METHODS, import_method, import_methods, register_method
 
 if TYPE_CHECKING:
     from .experiment import RunSpec
@@ -54,6 +57,7 @@ __all__ = [
     "METHODS",
     "MethodCard",
     "METHOD_MODULES",
+    "METHOD_PATHS",
     "get_adapter_model",
     "saved_module_names",
     "suffix_match",
@@ -76,44 +80,6 @@ __all__ = [
 CONFIG_FILE = "adapter_config.json"
 BUDGET_TOLERANCE = 0.05  # a parameter budget counts as matched within ±5 %
 WEIGHTS_FILE = "adapter.safetensors"
-
-METHODS: dict[str, type[AdapterConfig]] = {}
-# The package's method modules, one per paper, by module path inside the package (the mixtures live
-# in ``moe/``); each registers its config(s) when imported. A method's registered name is the last
-# part of its path. A new method joins the registry (and everything built from it: loading, the
-# overview table, the experiments grid) by adding its module path here.
-METHOD_MODULES: tuple[str, ...] = (
-    "lora", "lora_plus", "rslora", "vera", "lora_fa", "lora_drop", "adalora", "dora", "delta_lora", "plora",
-    "qlora", "moe.mixlora", "moe.loramoe", "moe.mola", "moe.moral", "moe.moelora_cl", "moe.moelora_mt", "moe.moa",
-    "moe.pesc", "moe.adamix", "moe.polytropon", "moe.sira", "moe.mole",
-)
-# Registered method name -> module path ("mixlora" -> "moe.mixlora").
-METHOD_PATHS: dict[str, str] = {path.rpartition(".")[2]: path for path in METHOD_MODULES}
-
-
-def register_method(cls: type[AdapterConfig]) -> type[AdapterConfig]:
-    """Class decorator: make a config findable by its ``method`` name (for loading from JSON)."""
-    if not cls.method:
-        raise ValueError(f"{cls.__name__} must set the class variable `method`")
-    METHODS[cls.method] = cls
-    return cls
-
-
-def import_methods() -> dict[str, type[AdapterConfig]]:
-    """Import every method module so that ``METHODS`` is complete; returns it."""
-    for module in METHOD_MODULES:
-        importlib.import_module(f"{__package__}.{module}")
-    return METHODS
-
-
-def import_method(method: str) -> type[AdapterConfig]:
-    """The config class registered as ``method``, importing its module if needed."""
-    if method not in METHODS and method in METHOD_PATHS:
-        importlib.import_module(f"{__package__}.{METHOD_PATHS[method]}")  # a method registers when loaded
-    if method not in METHODS:
-        raise ValueError(f"unknown adapter method {method!r}; registered: {sorted(set(METHODS) | set(METHOD_PATHS))}")
-    return METHODS[method]
-
 
 @dataclass(frozen=True)
 class MethodCard:

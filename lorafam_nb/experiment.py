@@ -2,7 +2,9 @@
 
 A run is described by a :class:`RunSpec` (model, task, sizes, seed, how to fine-tune, training
 settings) and returns a flat result dict that chapters turn into tables and figures. ``finetune`` is
-``"head"`` (only the task head trains), ``"full"`` (everything trains) or any
+``"none"`` (no training: the pretrained model is evaluated as it is, the baseline every table needs; an
+encoder's task head is then its seeded initialisation, so it scores chance), ``"head"`` (only the task head
+trains), ``"full"`` (everything trains) or any
 :class:`~lorafam_nb.core.AdapterConfig`; an adapter config without ``modules_to_save`` gets the
 model's fresh head added, since an untrained head would make any comparison meaningless.
 
@@ -42,8 +44,8 @@ from .core import AdapterConfig, AdapterModel, count_parameters, get_adapter_mod
 from .data import load_task, task_info
 from .models import architecture_of, load_model, load_tokenizer, model_spec
 from .results import Store, code_fingerprint, code_identity, is_code, json_value, key_of, provenance, remember_loaded
-from .tasks import EncodedTask, encode
-from .trainer import Callback, TrainConfig, Trainer, TrainResult, set_seed
+from .tasks import EncodedTask, encode, evaluate
+from .trainer import PRECISIONS, Callback, TrainConfig, Trainer, TrainResult, resolve_device, set_seed
 
 __all__ = ["AtEnd", "ModelFacts", "ReusedRunError", "adapter_parameters", "RunOutput", "RunSpec", "build_model", "describe", "encode_task", "run", "run_inputs",
            "run_record", "spec_from_inputs", "train_head_only", "training_set"]
@@ -111,12 +113,14 @@ def build_model(spec: RunSpec) -> nn.Module:
     heads = list(known.head_modules) if known else []
     if spec.finetune == "full":
         return model
+    if spec.finetune == "none":
+        return model.requires_grad_(False)
     if spec.finetune == "head":
         if not heads:
             raise ValueError(f"{spec.model} has no separate task head to train alone")
         return train_head_only(model, heads)
     if not isinstance(spec.finetune, AdapterConfig):
-        raise ValueError(f"finetune must be 'head', 'full' or an AdapterConfig, got {spec.finetune!r}")
+        raise ValueError(f"finetune must be 'none', 'head', 'full' or an AdapterConfig, got {spec.finetune!r}")
     config = spec.finetune.resolve(spec)
     if not config.modules_to_save and heads:
         config = dataclasses.replace(config, modules_to_save=heads)
@@ -148,7 +152,7 @@ def training_set(spec: RunSpec) -> EncodedTask:
 
 def describe(finetune: str | AdapterConfig) -> str:
     if isinstance(finetune, str):
-        return {"head": "head only", "full": "full fine-tuning"}[finetune]
+        return {"none": "no fine-tuning", "head": "head only", "full": "full fine-tuning"}[finetune]
     fields = {f.name: getattr(finetune, f.name) for f in dataclasses.fields(finetune)
               if f.name not in ("target_modules", "modules_to_save")}
     return f"{finetune.method} " + " ".join(f"{k}={v}" for k, v in fields.items())
@@ -334,12 +338,12 @@ def run(spec: RunSpec, model: nn.Module | None = None, *, callbacks: Sequence[Ca
         if record is not None:
             return _reused(record, spec, callbacks)
     started = time.perf_counter()
-    info = task_info(spec.task)
-    train = training_set(spec)
     evaluations = [encode_task(dataclasses.replace(spec, task=t), task_info(t).eval_split, spec.eval_n)
                    for t in spec.eval_on or spec.task_names()]
     model = model if model is not None else build_model(spec)
-    trainable, total = count_parameters(model)
+    if spec.finetune == "none":
+        return _untrained(spec, model, evaluations, callbacks, inputs, store, profile, started)
+    train = training_set(spec)
     train_cfg = dataclasses.replace(spec.train, seed=spec.seed)
     trained = time.perf_counter()
     trainer = Trainer(model, train, train_cfg, eval_tasks=evaluations, callbacks=callbacks)
@@ -347,30 +351,62 @@ def run(spec: RunSpec, model: nn.Module | None = None, *, callbacks: Sequence[Ca
     if len(set(recording)) < len(recording):  # the adapter's own callbacks record too
         raise ValueError(f"callbacks that record need distinct names (record_name), got {recording}")
     result: TrainResult = trainer.train()
-    metric = "pearson" if info.kind == "regression" else "accuracy"
-    per_task = {e.info.name: result.final[e.info.name] for e in evaluations}
-    row = {
-        "label": spec.label or describe(spec.finetune), "model": spec.model, "task": "+".join(spec.mix) or spec.task,
-        "protocol": spec.resolved_protocol(), "metric": metric, metric: sum(per_task.values()) / len(per_task),
-        "per_task": per_task, "per_task_n": {e.info.name: len(e) for e in evaluations},
-        "trainable": trainable, "total": total, "trainable_pct": 100 * trainable / total,
-        "train_n": len(train), "eval_n": sum(len(e) for e in evaluations),
-        "eval_split": ",".join(dict.fromkeys(task_info(t).eval_split for t in per_task)), "seed": spec.seed,
-        "steps": result.steps, "s_per_step": result.seconds_per_step,
-        "wall_s": time.perf_counter() - trained,
-        "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
-    }
+    row = _row(spec, result, evaluations, model, len(train), time.perf_counter() - trained)
     records = {_record_name(c): json_value(c.record()) for c in trainer.callbacks if hasattr(c, "record")}
     _restore(callbacks, records)  # the caller's only: the adapter's own callbacks still serve the live model
     out = RunOutput(json_value(row), json_value(result.history), json_value(result.evals), records,
                     provenance(profile, time.perf_counter() - started, str(trainer.device),
                                distributed.world_size() if trainer.parallel else 1),
                     trained_model=model, trained_by=trainer)
+    return _stored(out, inputs, store, not trainer.parallel or distributed.is_main())
+
+
+def _row(spec: RunSpec, result: TrainResult, evaluations: list[EncodedTask], model: nn.Module, train_n: int,
+         wall_s: float) -> dict[str, Any]:
+    """The run's flat result row (see :func:`run`)."""
+    metric = "pearson" if task_info(spec.task).kind == "regression" else "accuracy"
+    per_task = {e.info.name: result.final[e.info.name] for e in evaluations}
+    trainable, total = count_parameters(model)
+    return {
+        "label": spec.label or describe(spec.finetune), "model": spec.model, "task": "+".join(spec.mix) or spec.task,
+        "protocol": spec.resolved_protocol(), "metric": metric, metric: sum(per_task.values()) / len(per_task),
+        "per_task": per_task, "per_task_n": {e.info.name: len(e) for e in evaluations},
+        "trainable": trainable, "total": total, "trainable_pct": 100 * trainable / total,
+        "train_n": train_n, "eval_n": sum(len(e) for e in evaluations),
+        "eval_split": ",".join(dict.fromkeys(task_info(t).eval_split for t in per_task)), "seed": spec.seed,
+        "steps": result.steps, "s_per_step": result.seconds_per_step, "wall_s": wall_s,
+        "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
+    }
+
+
+def _stored(out: RunOutput, inputs: dict[str, Any] | None, store: Store | None, writer: bool) -> RunOutput:
+    """``out`` with its key, recorded in ``store`` (by the ``writer`` process) when the run has inputs."""
     if inputs is not None:
         out.key = key_of(inputs)
-        if not trainer.parallel or distributed.is_main():
+        if writer:
             store.put(run_record(out, inputs))
     return out
+
+
+def _untrained(spec: RunSpec, model: nn.Module, evaluations: list[EncodedTask], callbacks: Sequence[Callback],
+               inputs: dict[str, Any] | None, store: Store | None, profile: str | None, started: float) -> RunOutput:
+    """``finetune="none"``: evaluate the model as it is, on the device and at the precision the spec names."""
+    if callbacks:
+        raise ValueError("a run with finetune='none' trains nothing, so it takes no callbacks")
+    device = resolve_device(spec.train.device)
+    model.to(device)
+    dtype = PRECISIONS[spec.train.precision]
+    row: dict[str, Any] = {"step": 0}
+    begun = time.perf_counter()
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        for task in evaluations:
+            metrics = evaluate(model, task, spec.train.eval_batch_size, device)
+            row[task.info.name] = metrics.get("accuracy", metrics.get("pearson"))
+    result = TrainResult(evals=[row])
+    out = RunOutput(json_value(_row(spec, result, evaluations, model, 0, time.perf_counter() - begun)), [],
+                    json_value(result.evals), {}, provenance(profile, time.perf_counter() - started, str(device)),
+                    trained_model=model)
+    return _stored(out, inputs, store, distributed.is_main())
 
 
 remember_loaded()  # the package's code as this process loaded it (the store's keys name it)

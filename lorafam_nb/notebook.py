@@ -13,8 +13,8 @@ from typing import Any
 
 import pandas as pd
 
-__all__ = ["COLUMN_WIDTH", "PROFILES", "Table", "mapping_text", "setup", "show", "show_settings", "show_source",
-           "smoke_banner", "subplots", "table"]
+__all__ = ["COLUMN_WIDTH", "PROFILES", "Table", "accuracy_text", "mapping_text", "mean_interval", "setup", "show",
+           "show_settings", "show_source", "smoke_banner", "store_for", "subplots", "table", "wilson_interval"]
 
 PROFILES = ("smoke", "book", "full")
 COLUMN_WIDTH = 7.0  # inches: a figure this wide is shown at its own size in the book's text column
@@ -44,6 +44,55 @@ def setup(profile: str, seed: int = 0) -> None:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     plt.rcParams.update({"font.size": FONT_SIZE, "axes.titlesize": FONT_SIZE, "legend.fontsize": FONT_SIZE - 1})
     set_seed(seed)
+
+
+def store_for(profile: str) -> Any:
+    """The results store a chapter's runs use (:mod:`lorafam_nb.results`): the committed one at the ``book``
+    and ``full`` profiles, so that a recorded run is read back instead of trained; at ``smoke`` a fresh
+    temporary one, so that a smoke execution (CI's) really trains every run and leaves the committed
+    records alone."""
+    import tempfile
+
+    from .results import Store
+
+    if profile not in PROFILES:
+        raise ValueError(f"profile must be one of {PROFILES}, got {profile!r}")
+    return Store(tempfile.mkdtemp(prefix="lorafam-smoke-")) if profile == "smoke" else Store()
+
+
+# --- uncertainty ---------------------------------------------------------------------------------
+
+def wilson_interval(accuracy: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95 % Wilson score interval of an accuracy measured on ``n`` examples: what a different sample of
+    ``n`` evaluation examples could have given (it stays inside [0, 1] and is sensible at small ``n``)."""
+    if n <= 0:
+        raise ValueError(f"an interval needs n > 0 evaluated examples, got {n}")
+    centre = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def mean_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of ``values`` (one per seed) and its ``level`` t-interval ``(mean, low, high)``: the spread
+    over seeds, the uncertainty that matters when two methods differ by a little. One value has no spread:
+    its interval is the value itself (NaN-free, so tables stay readable; say so where it is shown)."""
+    from scipy import stats
+
+    n = len(values)
+    if n == 0:
+        raise ValueError("mean_interval needs at least one value")
+    mean = sum(values) / n
+    if n == 1:
+        return mean, mean, mean
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def accuracy_text(accuracy: float, n: int, digits: int = 3) -> str:
+    """"0.853 [0.821, 0.880]": an accuracy on ``n`` examples with its 95 % Wilson interval."""
+    low, high = wilson_interval(accuracy, n)
+    return f"{accuracy:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
 class Rich:

@@ -26,9 +26,10 @@ values. A referenced library object (a model) counts by its type only: pass its 
 
 A hash over the whole package would be simpler and safe, but every edit to any method would invalidate
 every chapter's records; the closure changes only the records that can depend on the edit. Not followed:
-parent packages' ``__init__`` files (they re-export), the method registry's imports by name (a method
-module, when imported, only registers its own config), and this module (it computes no number; a change
-to the key scheme changes the keys anyway).
+parent packages' ``__init__`` files (they re-export), the method registry (:mod:`lorafam_nb.registry`: the
+list of method modules, imported by name; a method module, when imported, only registers its own config, and
+the config class a run uses is fingerprinted directly, so a new method leaves every other record valid), and
+this module (it computes no number; a change to the key scheme changes the keys anyway).
 
 **What the key leaves out**, on purpose: the run's label (its name in tables, refreshed on reuse), the
 progress bar, checkpoint folders and intervals, the device and the data-parallel split. The device and
@@ -70,6 +71,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DIR = PACKAGE_DIR.parent
 DATA_MANIFEST = PACKAGE_DIR / "_data" / "MANIFEST.json"
 VERSIONED = ("torch", "transformers", "tokenizers")  # libraries whose version is part of every key
+NOT_FOLLOWED = (__name__, f"{PACKAGE}.registry")  # computes no number (see the module's docstring)
 
 
 def default_dir() -> Path:
@@ -166,7 +168,7 @@ def _imports(module: str, source: str) -> frozenset[str]:
             if node.module:  # `from . import x` runs the package's __init__ (re-exports only): not followed
                 found.add(base)
             found.update(f"{base}.{alias.name}" for alias in node.names)  # `from . import trainer`
-    return frozenset(m for m in found if m not in (PACKAGE, __name__) and _module_file(m) is not None)
+    return frozenset(m for m in found if m != PACKAGE and m not in NOT_FOLLOWED and _module_file(m) is not None)
 
 
 @functools.lru_cache(maxsize=None)
@@ -188,7 +190,7 @@ def remember_loaded() -> None:
 def _closure(seeds: Iterable[str]) -> dict[str, str]:
     """Every package module reachable from ``seeds`` by static imports -> sha256 of its source."""
     digests: dict[str, str] = {}
-    todo = [m for m in seeds if _module_file(m) is not None and m != __name__]
+    todo = [m for m in seeds if _module_file(m) is not None and m not in NOT_FOLLOWED]
     while todo:
         module = todo.pop()
         if module in digests:
