@@ -40,21 +40,27 @@ from . import distributed, experiment, results
 from .architectures import meta_model
 from .core import (BUDGET_TOLERANCE, METHOD_PATHS, AdapterConfig, Site, count_parameters, import_methods,
                    target_module_names)
-from .data import load_task
+from .data import load_task, task_info
 from .experiment import ModelFacts, RunSpec, adapter_parameters
 from .lora import LoraConfig
 from .models import MODELS, load_model
+from .notebook import Table, mean_interval, pearson_interval, table, wilson_interval
 from .trainer import Callback, TrainConfig, resolve_device
 
 __all__ = [
-    "MIX", "PROFILES", "REFERENCE_MODELS", "TASKS", "Budget", "GridReport", "GridRun", "ModelSettings",
-    "Profile", "adapter_parameters", "budget_table", "comparison_table", "default_results_dir", "execute", "load_results",
+    "BASELINE", "GLUE", "MIX", "PROFILES", "REFERENCE_MODELS", "TASKS", "TASK_TITLES", "Budget", "GridReport",
+    "GridRun", "ModelSettings", "Profile", "Score", "adapter_parameters", "budget_table", "comparison_table", "scores", "default_results_dir", "execute", "load_results",
     "match_budget", "reference_count", "model_shape", "multitask_table", "plan", "run_grid",
 ]
 
 TASKS = ("arc_e", "arc_c", "boolq", "obqa", "piqa")  # the reference table's columns, in its order
-TASK_TITLES = {"arc_e": "ARC-e", "arc_c": "ARC-c", "boolq": "BoolQ", "obqa": "OBQA", "piqa": "PIQA"}
+# GLUE tasks, for models too small to leave chance behind on the commonsense suite from a few hundred
+# examples (the encoder classifies them with a sequence-classification head; STS-B is scored by Pearson r).
+GLUE = ("sst2", "mrpc", "cola", "rte", "stsb")
+TASK_TITLES = {"arc_e": "ARC-e", "arc_c": "ARC-c", "boolq": "BoolQ", "obqa": "OBQA", "piqa": "PIQA",
+               "sst2": "SST-2", "mrpc": "MRPC", "cola": "CoLA", "rte": "RTE", "stsb": "STS-B (r)"}
 MIX = "mix"  # the cell that trains one adapter on the union of the profile's tasks
+BASELINE = "no fine-tuning"  # the row of the pretrained model evaluated as it is (encoders: an untrained head)
 TOLERANCE = BUDGET_TOLERANCE  # a budget counts as matched within ±5 %
 # The reference table's base models, runnable by hub id (profile "full", a GPU and the hub needed).
 REFERENCE_MODELS = {"gemma-2b": "google/gemma-2b", "llama2-7b": "meta-llama/Llama-2-7b-hf"}
@@ -77,6 +83,16 @@ class ModelSettings:
     schedule: str = "linear"
     protocol: str | None = None  # None: RunSpec's choice ("label_token" for the decoder)
     precision: str = "fp32"  # "bf16": forward passes under bfloat16 autocast (the GPU setting)
+    task_train_n: dict[str, int] = field(default_factory=dict)  # single-task cells' train_n by task (others: train_n)
+    task_eval_n: dict[str, int] = field(default_factory=dict)  # eval_n by task (others: eval_n)
+
+    def train_n_for(self, tasks: Sequence[str]) -> int | None:
+        """The training examples per task of a cell: its task's own size, or ``train_n`` (every mix task)."""
+        return self.task_train_n.get(tasks[0], self.train_n) if len(tasks) == 1 else self.train_n
+
+    def eval_n_for(self, tasks: Sequence[str]) -> int | None:
+        """The evaluated examples per task of a cell (a mix evaluates each task on ``eval_n``)."""
+        return self.task_eval_n.get(tasks[0], self.eval_n) if len(tasks) == 1 else self.eval_n
 
 
 @dataclass(frozen=True)
@@ -88,24 +104,35 @@ class Profile:
     skip: dict[str, str] = field(default_factory=dict)  # method -> why this profile does not run it
     tasks: tuple[str, ...] = TASKS
     multi_task: bool = True
+    mix_tasks: tuple[str, ...] | None = None  # the mix cell's tasks (None: all of ``tasks``)
     reference_rank: int = 8  # the budget: LoRA's count at this rank on the same (all) linears
+    baseline: bool = False  # a no-fine-tuning cell per model and task (the row every method must beat)
+    seeds: dict[str, int] = field(default_factory=dict)  # method -> seeds of its single-task cells (default 1)
+    task_methods: dict[str, tuple[str, ...]] = field(default_factory=dict)  # task -> the only methods that run it
 
 
 PROFILES: dict[str, Profile] = {
     # Pipeline check for CI (< 1 min): a few examples, MiniLM only, the methods whose configs say
-    # ``in_smoke_grid`` (one matched, one that cannot be, one mixture).
-    "smoke": Profile("smoke", {"minilm": ModelSettings(8, 16, 32, 8, 1e-3)}, smoke=True),
-    # The rendered book: every method on both embedded models, subsampled; 132 runs took 48.5 min on an idle
-    # 2-core x86_64 machine (2026-12-02), the mix cells a third of it.
-    "book": Profile("book", {"minilm": ModelSettings(128, 150, 48, 16, 1e-3),
-                             "smollm2-135m": ModelSettings(16, 32, 96, 8, 5e-4)}),
+    # ``in_smoke_grid`` (one matched, one that cannot be, one mixture), one task of each kind.
+    "smoke": Profile("smoke", {"minilm": ModelSettings(8, 16, 32, 8, 1e-3)}, smoke=True, tasks=("arc_e", "boolq", "sst2"),
+                     mix_tasks=("arc_e", "boolq"), baseline=True),
+    # The rendered book, on MiniLM at LoRA r=8's budget, one epoch. Every method on SST-2 and STS-B, where
+    # MiniLM learns from 500 examples. LoRA (three seeds: how far a score moves with the seed alone) and the
+    # untrained model also on MRPC, which needs 2,000 examples to clear its majority answer, and on the
+    # commonsense five in the reference's layout, where MiniLM stays near chance whatever it trains on (so
+    # every other method there would compare noise; the full profile runs them all, with the mix cell).
+    "book": Profile("book", {"minilm": ModelSettings(500, 400, 64, 16, 1e-3,
+                                                     task_train_n={**dict.fromkeys(TASKS, 64), "mrpc": 2000},
+                                                     task_eval_n=dict.fromkeys(TASKS, 100))},
+                    tasks=("sst2", "stsb", "mrpc", *TASKS), multi_task=False, baseline=True, seeds={"lora": 3},
+                    task_methods={t: ("lora",) for t in ("mrpc", *TASKS)}),
     # The reference table's setting (its per-run configs): r=80 on all linears, batch 16 as 4 × 4,
     # constant LR 1e-4, 2 epochs, cutoff 512, whole splits. Sized for one 80 GB GPU: fp32 weights (LLaMA-2-7B:
     # 27 GB) and bf16 autocast, whose activations at 4 × 512 tokens fit beside them. The weights come from the hub.
     "full": Profile("full", {name: ModelSettings(None, None, 512, 4, 1e-4, epochs=2, grad_accum=4,
                                                  schedule="constant", protocol="label_token", precision="bf16")
                              for name in REFERENCE_MODELS.values()},
-                    reference_rank=80),
+                    reference_rank=80, baseline=True),
 }
 
 
@@ -229,19 +256,30 @@ class GridRun:
     def key(self) -> str:
         return results.key_of(self.inputs())
 
-    def inputs(self, facts: Callback | None = None) -> dict[str, Any]:
-        """The cell's run inputs (:func:`lorafam_nb.experiment.run_inputs`), the plan as context."""
-        spec = self.spec(AdapterConfig.from_dict(self.adapter))
-        return experiment.run_inputs(spec, self.profile, [facts or ModelFacts()], context=dataclasses.asdict(self))
+    @property
+    def baseline(self) -> bool:
+        return self.method == BASELINE
 
-    def spec(self, config: AdapterConfig, device: str = "auto") -> RunSpec:
+    def callbacks(self) -> list[Callback]:
+        """What the cell's run records beside its result: an adapter's counts (a baseline trains nothing)."""
+        return [] if self.baseline else [ModelFacts()]
+
+    def inputs(self, callbacks: Sequence[Callback] | None = None) -> dict[str, Any]:
+        """The cell's run inputs (:func:`lorafam_nb.experiment.run_inputs`), the plan as context."""
+        return experiment.run_inputs(self.spec(), self.profile, self.callbacks() if callbacks is None else callbacks,
+                                     context=dataclasses.asdict(self))
+
+    def spec(self, device: str = "auto") -> RunSpec:
         s = self.settings
         # data_parallel=False: under a launch, each process trains its own cells (run_grid's fan-out).
         train = TrainConfig(lr=s["lr"], epochs=s["epochs"], batch_size=s["batch_size"], grad_accum=s["grad_accum"],
                             schedule=s["schedule"], device=device, precision=s["precision"], progress=False,
                             log_every=5, data_parallel=False)
+        finetune = "none" if self.baseline else AdapterConfig.from_dict(self.adapter)
         return RunSpec(model=self.model, task=self.tasks[0], mix=self.tasks if self.task == MIX else (),
-                       finetune=config, train_n=s["train_n"], eval_n=s["eval_n"], max_length=s["max_length"],
+                       finetune=finetune, train_n=ModelSettings(**s).train_n_for(self.tasks),
+                       eval_n=ModelSettings(**s).eval_n_for(self.tasks),
+                       max_length=s["max_length"],
                        protocol=s["protocol"], seed=self.seed, train=train, label=self.method)
 
 
@@ -255,7 +293,7 @@ def _resolve_profile(profile: Profile | str) -> Profile:
 
 def _steps(tasks: Sequence[str], s: ModelSettings) -> int:
     """The trainer's optimizer steps for these tasks (its own formula, from the real split sizes)."""
-    n = sum(len(load_task(t, "train", n=s.train_n)) for t in tasks)
+    n = sum(len(load_task(t, "train", n=s.train_n_for(tasks))) for t in tasks)
     return max(1, math.ceil(s.epochs * math.ceil(n / (s.batch_size * s.grad_accum))))
 
 
@@ -271,44 +309,51 @@ def plan(profile: Profile | str, seed: int = 0) -> list[GridRun]:
     for method in (*methods, *profile.skip):
         if method not in registry:
             raise ValueError(f"unknown method {method!r}; registered: {', '.join(sorted(registry))}")
-    for task in profile.tasks:
-        if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}; allowed: {', '.join(TASKS)} (the multiple-choice suite)")
+    mix = profile.mix_tasks or profile.tasks
+    for task in (*profile.tasks, *mix):
+        if task not in TASK_TITLES:
+            raise ValueError(f"unknown task {task!r}; allowed: {', '.join(TASK_TITLES)} (the commonsense suite "
+                             f"and GLUE)")
     models = {_model_id(name): settings for name, settings in profile.models.items()}
-    cells = [(task, (task,)) for task in profile.tasks] + ([(MIX, profile.tasks)] if profile.multi_task else [])
+    cells = [(task, (task,)) for task in profile.tasks] + ([(MIX, mix)] if profile.multi_task else [])
     runs = []
     for model, settings in models.items():
         shape = model_shape(model)
+        if profile.baseline:  # the model as it is: one cell per task (on the mix it scores the same)
+            runs += [GridRun(profile.name, model, BASELINE, task, tasks, {}, {}, dataclasses.asdict(settings),
+                             shape.base_parameters, seed) for task, tasks in cells if task != MIX]
         target = reference_count(shape, profile.reference_rank)
         budgets = {m: match_budget(registry[m], method_sites(registry[m], shape), target) for m in methods}
         steps = {task: _steps(tasks, settings) for task, tasks in cells}
         for method in methods:
             cls = registry[method]
             for task, tasks in cells:
+                if method not in profile.task_methods.get(task, (method,)):
+                    continue
                 config = cls.sized(budgets[method].values, shape.targets, steps[task], settings.lr)
-                runs.append(GridRun(profile.name, model, method, task, tasks, config.to_dict(),
-                                    dataclasses.asdict(budgets[method]),
-                                    dataclasses.asdict(dataclasses.replace(settings, lr=settings.lr * cls.lr_scale)),
-                                    shape.base_parameters, seed))
+                for extra in range(profile.seeds.get(method, 1) if task != MIX else 1):
+                    runs.append(GridRun(profile.name, model, method, task, tasks, config.to_dict(),
+                                        dataclasses.asdict(budgets[method]),
+                                        dataclasses.asdict(dataclasses.replace(settings, lr=settings.lr * cls.lr_scale)),
+                                        shape.base_parameters, seed + extra))
     return runs
 
 
 def execute(run: GridRun, device: str = "auto") -> dict[str, Any]:
     """Train one cell and return its record: the store's record of the run, plus the grid's fields."""
-    facts = ModelFacts()
-    inputs = run.inputs(facts)
+    callbacks = run.callbacks()
+    inputs = run.inputs(callbacks)
     # build_model inside run() runs the method's own first stage, if it has one (LoRA-drop's probe).
-    out = experiment.run(run.spec(AdapterConfig.from_dict(run.adapter), device), callbacks=[facts],
-                         profile=run.profile)
-    cell = out.records[facts.record_name]
+    out = experiment.run(run.spec(device), callbacks=callbacks, profile=run.profile)
+    cell = out.records.get(ModelFacts.record_name, {"adapter": 0, "head": 0, "adapter_trained": {}})
     return {
         **experiment.run_record(out, inputs),
         "config": dataclasses.asdict(run), "profile": run.profile, "seed": run.seed,
         "model": run.model, "method": run.method, "task": run.task,
         "data": {"train_n": out.row["train_n"], "eval_n": out.row["per_task_n"],
                  "eval_split": out.row["eval_split"], "protocol": out.row["protocol"]},
-        "params": {"closed_form": run.budget["closed_form"], "real": cell["adapter"], "head": cell["head"],
-                   "target": run.budget["target"], "base": run.base_parameters},
+        "params": {"closed_form": run.budget.get("closed_form", 0), "real": cell["adapter"], "head": cell["head"],
+                   "target": run.budget.get("target", 0), "base": run.base_parameters},
         "adapter_trained": cell["adapter_trained"],  # after the first stage (LoRA-drop's kept layers)
         "accuracy": out.row["per_task"], "steps": out.row["steps"], "s_per_step": out.row["s_per_step"],
         "wall_s": out.provenance["wall_s"], "machine": out.row["machine"], "node": platform.node(),
@@ -361,50 +406,113 @@ def _params_cell(values: Sequence[int]) -> str:
     return f"{lo:,}" if lo == hi else f"{lo:,}–{hi:,}"
 
 
-def comparison_table(results: Sequence[dict[str, Any]], multi: bool = False) -> Any:
-    """The reference table's layout from our records: one row per (model, method), accuracy in %.
+@dataclass(frozen=True)
+class Score:
+    """One table cell: a method's accuracy (STS-B: Pearson r) on a task, over its seeds, with a 95 % interval.
+    One seed: the Wilson interval of the evaluation sample (r: Fisher's). Several seeds (the same evaluation examples): the union of the
+    t-interval over seeds and the Wilson interval of their mean, so that neither the seed's nor the
+    sample's uncertainty is hidden."""
 
-    Single-task cells (``multi=False``) give each task's column from its own adapter; ``multi=True``
-    reads every column from the one adapter trained on the mix. #Params is the real adapter count
-    (head excluded; a range where a method's first stage chose different layers per task).
-    """
-    import pandas as pd
+    mean: float
+    low: float
+    high: float
+    n: int  # evaluated examples
+    seeds: int
 
-    rows: dict[tuple[str, str], dict[str, Any]] = {}
-    params: dict[tuple[str, str], list[int]] = {}
+    @classmethod
+    def of(cls, values: Sequence[float], n: int, correlation: bool = False) -> Score:
+        """``values``: accuracies (or Pearson r, ``correlation``: Fisher's interval instead of Wilson's)."""
+        mean, t_low, t_high = mean_interval(values)
+        s_low, s_high = (pearson_interval if correlation else wilson_interval)(mean, n)
+        return cls(mean, min(t_low, s_low), max(t_high, s_high), n, len(values))
+
+    def text(self) -> str:
+        """In points: "77.0 ± 3.7" (the half-width of the interval, which is nearly symmetric here)."""
+        return f"{100 * self.mean:.1f} ± {100 * (self.high - self.low) / 2:.1f}"
+
+    def beyond(self, other: Score) -> bool:
+        """Whether the two intervals do not overlap: a difference the text may name."""
+        return self.low > other.high or other.low > self.high
+
+
+def scores(results: Sequence[dict[str, Any]], multi: bool = False) -> dict[tuple[str, str, str], Score]:
+    """(model, method, task) -> :class:`Score` over the records' seeds; ``multi``: the mix adapter's."""
+    found: dict[tuple[str, str, str], list[float]] = {}
+    sizes: dict[tuple[str, str, str], int] = {}
     for r in results:
         if (r["task"] == MIX) != multi:
             continue
-        key = (r["model"], r["method"])
-        row = rows.setdefault(key, {"Base model": r["model"], "PEFT method": r["method"]})
-        params.setdefault(key, []).append(r["params"]["real"])
-        row["base"] = r["params"]["base"]
         for task, acc in r["accuracy"].items():
-            row[TASK_TITLES[task]] = round(100 * acc, 1)
+            key = (r["model"], r["method"], task)
+            found.setdefault(key, []).append(acc)
+            sizes[key] = r["data"]["eval_n"][task]
+    return {key: Score.of(accs, sizes[key], task_info(key[2]).kind == "regression") for key, accs in found.items()}
+
+
+def _average(cells: Sequence[Score]) -> Score:
+    """The mean over tasks; its interval from the tasks' independent intervals (half-widths in quadrature)."""
+    mean = sum(c.mean for c in cells) / len(cells)
+    half = math.sqrt(sum(((c.high - c.low) / 2) ** 2 for c in cells)) / len(cells)
+    return Score(mean, mean - half, mean + half, sum(c.n for c in cells), min(c.seeds for c in cells))
+
+
+def _tasks_of(results: Sequence[dict[str, Any]], order: Sequence[str] = ()) -> list[str]:
+    """The tasks the records score, in ``order`` (a profile's), then in :data:`TASK_TITLES`' order."""
+    present = {t for r in results for t in r["accuracy"]}
+    return [t for t in dict.fromkeys((*order, *TASK_TITLES)) if t in present]
+
+
+def comparison_table(results: Sequence[dict[str, Any]], multi: bool = False, order: Sequence[str] = ()) -> Table:
+    """The reference table's layout from our records: one row per (model, method), accuracy in % with its
+    95 % interval (:class:`Score`), the no-fine-tuning row first; a task only some methods ran stays blank in
+    the others' rows, and AVG then covers the tasks every row has (its header names them).
+
+    Single-task cells (``multi=False``) give each task's column from its own adapter; ``multi=True``
+    reads every column from the one adapter trained on the mix. #Params is the real adapter count
+    (head excluded; a range where a method's first stage chose different layers per task); ``seeds`` is
+    how many seeds each cell averages. ``order``: the columns' order (default: the reference's, then GLUE).
+    """
+    cells = scores(results, multi)
+    tasks = _tasks_of([r for r in results if (r["task"] == MIX) == multi], order)
+    params: dict[tuple[str, str], list[int]] = {}
+    base: dict[str, int] = {}
+    for r in results:
+        if (r["task"] == MIX) == multi:
+            params.setdefault((r["model"], r["method"]), []).append(r["params"]["real"])
+            base[r["model"]] = r["params"]["base"]
+    # AVG over the columns every row has (a profile may run some tasks with a few methods only).
+    common = [t for t in tasks if all((m, meth, t) in cells for m, meth in params)]
+    avg = "AVG" if common == tasks else f"AVG ({', '.join(TASK_TITLES[t] for t in common)})"
     out = []
-    for key, row in rows.items():
-        accs = [row[t] for t in TASK_TITLES.values() if t in row]
-        out.append({"Base model": row["Base model"], "PEFT method": row["PEFT method"],
-                    "#Params": _params_cell(params[key]),
-                    "%Params": f"{100 * max(params[key]) / row.pop('base'):.3g}%",
-                    **{t: row.get(t) for t in TASK_TITLES.values()},
-                    "AVG": round(sum(accs) / len(accs), 1) if accs else None})
-    return pd.DataFrame(out)
+    for model, method in sorted(params, key=lambda k: (list(base).index(k[0]), k[1] != BASELINE)):
+        row = [cells[model, method, t] for t in tasks if (model, method, t) in cells]
+        out.append({"Base model": model, "PEFT method": method, "#Params": _params_cell(params[model, method]),
+                    "%Params": f"{100 * max(params[model, method]) / base[model]:.3g}%",
+                    "seeds": max(c.seeds for c in row),
+                    **{TASK_TITLES[t]: cells[model, method, t].text() if (model, method, t) in cells else ""
+                       for t in tasks},
+                    avg: _average([cells[model, method, t] for t in common]).text() if common else ""})
+    return table(out)
 
 
-def multitask_table(results: Sequence[dict[str, Any]]) -> Any:
-    """Per (model, method): single-task AVG, the mix adapter's AVG over the same tasks, and the drop."""
-    import pandas as pd
-
-    single, multi = comparison_table(results), comparison_table(results, multi=True)
-    merged = single.merge(multi, on=["Base model", "PEFT method"], suffixes=(" single", " multi"))
-    tasks = [t for t in TASK_TITLES.values() if merged[f"{t} single"].notna().any()]
-    frame = merged[["Base model", "PEFT method"]].copy()
-    for t in tasks:
-        frame[f"Δ {t}"] = (merged[f"{t} multi"] - merged[f"{t} single"]).round(1)
-    frame["AVG single"], frame["AVG multi"] = merged["AVG single"], merged["AVG multi"]
-    frame["Δ AVG"] = (merged["AVG multi"] - merged["AVG single"]).round(1)
-    return pd.DataFrame(frame)
+def multitask_table(results: Sequence[dict[str, Any]]) -> Table:
+    """Per (model, method): each task's change from the single-task adapters to the mix adapter (points),
+    the averages, and whether the change of the average exceeds both intervals."""
+    single, multi = scores(results), scores(results, multi=True)
+    tasks = _tasks_of([r for r in results if r["task"] == MIX])
+    pairs = list(dict.fromkeys((m, meth) for m, meth, _ in multi))
+    out = []
+    for model, method in pairs:
+        if not all((model, method, t) in single for t in tasks):
+            continue
+        one = _average([single[model, method, t] for t in tasks])
+        mixed = _average([multi[model, method, t] for t in tasks])
+        out.append({"Base model": model, "PEFT method": method,
+                    **{f"Δ {TASK_TITLES[t]}": round(100 * (multi[model, method, t].mean - single[model, method, t].mean), 1)
+                       for t in tasks},
+                    "AVG single": one.text(), "AVG multi": mixed.text(),
+                    "Δ AVG": round(100 * (mixed.mean - one.mean), 1), "beyond intervals": mixed.beyond(one)})
+    return table(out)
 
 
 def _first_stage_changed(record: dict[str, Any]) -> bool:
@@ -414,12 +522,12 @@ def _first_stage_changed(record: dict[str, Any]) -> bool:
     return planned != trained
 
 
-def budget_table(results: Sequence[dict[str, Any]]) -> Any:
+def budget_table(results: Sequence[dict[str, Any]]) -> Table:
     """Per (model, method): the knob chosen, the target, the closed-form and the real adapter counts."""
-    import pandas as pd
-
     out: dict[tuple[str, str], dict[str, Any]] = {}
     for r in results:
+        if r["method"] == BASELINE:
+            continue
         b, p = Budget(**r["config"]["budget"]), r["params"]
         row = out.setdefault((r["model"], r["method"]), {
             "model": r["model"], "method": r["method"],
@@ -434,4 +542,4 @@ def budget_table(results: Sequence[dict[str, Any]]) -> Any:
                          else "nearest achievable")
         if _first_stage_changed(r):
             row["status"] += "; planned count matched, real = after the method's first stage"
-    return pd.DataFrame(list(out.values()))
+    return table(list(out.values()))

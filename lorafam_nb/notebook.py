@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-__all__ = ["COLUMN_WIDTH", "PROFILES", "Table", "accuracy_text", "mapping_text", "mean_interval", "setup", "show",
+__all__ = ["COLUMN_WIDTH", "PROFILES", "Table", "accuracy_text", "mapping_text", "mean_interval", "pearson_interval", "setup", "show",
            "show_settings", "show_source", "smoke_banner", "store_for", "subplots", "table", "wilson_interval"]
 
 PROFILES = ("smoke", "book", "full")
@@ -70,6 +70,14 @@ def wilson_interval(accuracy: float, n: int, z: float = 1.96) -> tuple[float, fl
     centre = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def pearson_interval(r: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95 % interval of a Pearson correlation ``r`` measured on ``n`` pairs (Fisher's z transform)."""
+    if n <= 3:
+        raise ValueError(f"a correlation's interval needs n > 3 pairs, got {n}")
+    centre, half = math.atanh(max(-0.999999, min(0.999999, r))), z / math.sqrt(n - 3)
+    return math.tanh(centre - half), math.tanh(centre + half)
 
 
 def mean_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:

@@ -43,7 +43,9 @@ def full_plan():
 
 
 def test_every_method_is_sized_for_the_reference_budgets(full_plan):
-    budgets = {(r.model, r.method): grid.Budget(**r.budget) for r in full_plan}
+    budgets = {(r.model, r.method): grid.Budget(**r.budget) for r in full_plan if r.method != grid.BASELINE}
+    assert {(r.model, r.task) for r in full_plan if r.method == grid.BASELINE} == {
+        (m, t) for m in (GEMMA, LLAMA) for t in grid.TASKS}  # the table's no-fine-tuning rows
     assert {m for _, m in budgets} == set(import_methods())
     for (model, method), b in budgets.items():
         assert b.target == {GEMMA: 98_058_240, LLAMA: 199_884_800}[model]
@@ -70,7 +72,7 @@ def test_tiny_twin_trains_a_real_step(name):
 def test_tiny_twin_runs_the_smoke_grid(name, tmp_path):
     smoke = grid.PROFILES["smoke"]
     profile = dataclasses.replace(smoke, name=f"smoke-{name}", models={name: smoke.models["minilm"]},
-                                  tasks=("arc_e",), multi_task=False)
+                                  tasks=("arc_e",), multi_task=False, baseline=False)
     report = grid.run_grid(grid.plan(profile), tmp_path, log=None)
     assert len(report.trained) == len(report.results) == len({r.method for r in report.runs}) >= 3
     for record in report.results:

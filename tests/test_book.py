@@ -44,7 +44,6 @@ def test_no_page_loads_anything_from_the_network(built_book):
 
 # --- what the chapters show: the smoke banner, tables, figures (lorafam_nb.notebook) ---------------
 CHAPTERS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-REWORKED_WITH_THE_RESULTS_STORE = {"experiments"}  # its figures get captions in that work
 
 
 def code_cells(notebook: Path) -> list[dict]:
@@ -72,13 +71,34 @@ def test_committed_smoke_outputs_carry_the_banner(notebook):
 
 @pytest.mark.parametrize("notebook", CHAPTERS, ids=lambda p: p.stem)
 def test_every_figure_has_a_caption_and_alt_text(notebook):
-    if notebook.stem in REWORKED_WITH_THE_RESULTS_STORE:
-        pytest.skip(f"{notebook.name} is being reworked with the results store (issue 11, section 1)")
     figures = [c for c in code_cells(notebook) if any("image/png" in o.get("data", {}) for o in c["outputs"])]
     for cell in figures:
         options = cell["metadata"].get("mystnb", {})
         assert options.get("figure", {}).get("caption"), "".join(cell["source"])[:200]
         assert options.get("image", {}).get("alt"), "".join(cell["source"])[:200]
+
+
+def _calls(notebook: Path) -> list:
+    import ast
+
+    tree = ast.parse("\n".join("\n".join(line for line in "".join(c["source"]).splitlines()
+                                          if not line.lstrip().startswith(("%", "!")))
+                               for c in code_cells(notebook)))
+    return [node for node in ast.walk(tree) if isinstance(node, ast.Call)]
+
+
+@pytest.mark.parametrize("notebook", CHAPTERS, ids=lambda p: p.stem)
+def test_every_training_run_goes_through_the_results_store(notebook):
+    """A chapter trains only through ``experiment.run`` (or the grid) with the store and the profile, so that
+    `make book` reads its runs back: it builds no Trainer of its own, and every ``run(...)`` names ``store=``
+    and ``profile=`` (the performance page's benchmark times steps; it reports no trained result)."""
+    for call in _calls(notebook):
+        name = call.func.attr if hasattr(call.func, "attr") else getattr(call.func, "id", "")
+        assert name != "Trainer", f"{notebook.stem}: a Trainer outside experiment.run"
+        owner = getattr(getattr(call.func, "value", None), "id", "experiment")
+        if name == "run" and owner in ("experiment", "run"):
+            given = {k.arg for k in call.keywords}
+            assert {"store", "profile"} <= given, f"{notebook.stem}: run(...) without store= and profile="
 
 
 def test_table_hides_the_index_and_separates_thousands():

@@ -12,7 +12,7 @@ from torch import nn
 from lorafam_nb import bench, grid
 from lorafam_nb.core import import_methods
 from lorafam_nb.models import load_model
-from lorafam_nb.qlora import Linear4bit, QLoraConfig, QLoRALinear, to_bitsandbytes
+from lorafam_nb.qlora import Linear4bit, QLoRALinear, to_bitsandbytes
 from lorafam_nb.trainer import TrainConfig, Trainer
 
 CUDA = torch.cuda.is_available()
@@ -112,6 +112,6 @@ def test_full_profile_is_sized_for_one_gpu():
     for settings in full.models.values():
         assert settings.batch_size * settings.grad_accum == 16 and settings.max_length == 512
         assert settings.precision == "bf16"
-    run = grid.plan(full)[0]
-    spec = run.spec(QLoraConfig(), device="cuda")
+    run = next(r for r in grid.plan(full) if r.method == "qlora")
+    spec = run.spec(device="cuda")
     assert spec.train.precision == "bf16" and spec.train.device == "cuda"

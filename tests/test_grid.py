@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import ClassVar
 
 import pytest
@@ -12,6 +13,7 @@ from lorafam_nb import core, grid
 from lorafam_nb.core import get_adapter_model, import_methods
 from lorafam_nb.lora import LoraConfig
 from lorafam_nb.grid import MIX, ModelSettings, Profile
+from lorafam_nb.notebook import wilson_interval
 
 from conftest import tiny_bert
 
@@ -100,7 +102,7 @@ def test_closed_form_equals_real_count(method):
 
 @pytest.mark.parametrize("change, message", [
     (dict(methods=("lora", "nolora")), r"unknown method 'nolora'; registered: .*lora_fa"),
-    (dict(tasks=("arc_e", "sst3")), r"unknown task 'sst3'; allowed: arc_e, arc_c, boolq, obqa, piqa"),
+    (dict(tasks=("arc_e", "sst3")), r"unknown task 'sst3'; allowed: arc_e, arc_c, boolq, obqa, piqa, sst2"),
     (dict(models={"bert": ModelSettings(4, 4, 16, 4, 1e-3)}), r"unknown model 'bert'; allowed: embedded"),
     (dict(skip={"nolora": "why"}), r"unknown method 'nolora'; registered: "),
     (dict(reference_rank=1, methods=("dora",)), r"budget 41,472 is below dora's minimum 62,208"),
@@ -166,12 +168,47 @@ def test_grid_caches_by_config_and_builds_tables_from_files(tmp_path):
 
     table = grid.comparison_table(first.results)
     row = table.iloc[0]
-    assert list(table.columns) == ["Base model", "PEFT method", "#Params", "%Params", "ARC-e", "ARC-c", "BoolQ",
-                                   "OBQA", "PIQA", "AVG"]
-    assert row["PIQA"] == round(100 * records["piqa"]["accuracy"]["piqa"], 1)
-    assert row["AVG"] == round((row["PIQA"] + row["BoolQ"]) / 2, 1)
+    assert list(table.columns) == ["Base model", "PEFT method", "#Params", "%Params", "seeds", "BoolQ", "PIQA", "AVG"]
+    piqa = records["piqa"]["accuracy"]["piqa"]
+    low, high = wilson_interval(piqa, 4)
+    assert row["PIQA"] == f"{100 * piqa:.1f} ± {100 * (high - low) / 2:.1f}" and row["seeds"] == 1
     multi = grid.multitask_table(first.results).iloc[0]
-    assert multi["Δ BoolQ"] == pytest.approx(round(100 * mix["accuracy"]["boolq"], 1) - row["BoolQ"], abs=0.051)
+    assert multi["Δ BoolQ"] == pytest.approx(100 * (mix["accuracy"]["boolq"] - records["boolq"]["accuracy"]["boolq"]),
+                                             abs=0.051)
+
+
+def test_score_intervals():
+    """One seed: the Wilson interval of the evaluated sample; several: the union with the seeds' t-interval;
+    a correlation: Fisher's interval."""
+    one = grid.Score.of([0.8], 100)
+    assert (one.low, one.high) == pytest.approx(wilson_interval(0.8, 100)) and one.seeds == 1
+    assert one.low == pytest.approx(0.7112, abs=1e-4) and one.high == pytest.approx(0.8666, abs=1e-4)
+    spread = grid.Score.of([0.6, 0.8, 1.0], 10_000)  # the seeds' spread dominates a large sample's interval
+    t = 4.302653 * 0.2 / 3 ** 0.5  # t(0.975, 2) · sd / √3
+    assert spread.mean == pytest.approx(0.8) and (spread.low, spread.high) == pytest.approx((0.8 - t, 0.8 + t))
+    r = grid.Score.of([0.5], 103, correlation=True)
+    assert (r.low, r.high) == pytest.approx((math.tanh(math.atanh(0.5) - 0.196), math.tanh(math.atanh(0.5) + 0.196)))
+    assert grid.Score.of([0.9], 1000).beyond(grid.Score.of([0.5], 1000))
+    assert not grid.Score.of([0.52], 100).beyond(grid.Score.of([0.5], 100))
+
+
+def test_baseline_cells_and_seeds(tmp_path):
+    """A no-fine-tuning cell per task (none for the mix: it would score the same) and extra seeds for the
+    methods that ask for them (single-task cells only); a baseline cell trains nothing and counts nothing."""
+    profile = Profile("test", {"minilm": ModelSettings(4, 6, 16, 4, 1e-3, task_train_n={"sst2": 8})},
+                      methods=("lora",), tasks=("boolq", "sst2"), mix_tasks=("boolq", "piqa"), baseline=True,
+                      seeds={"lora": 2})
+    runs = grid.plan(profile)
+    assert [(r.method, r.task, r.seed) for r in runs] == [
+        (grid.BASELINE, "boolq", 0), (grid.BASELINE, "sst2", 0),
+        ("lora", "boolq", 0), ("lora", "boolq", 1), ("lora", "sst2", 0), ("lora", "sst2", 1), ("lora", MIX, 0)]
+    assert [r.spec().train_n for r in runs if r.method == "lora"] == [4, 4, 8, 8, 4]  # sst2's own size
+    assert runs[-1].tasks == ("boolq", "piqa") and runs[0].spec().finetune == "none"
+    report = grid.run_grid(runs[:2], tmp_path, log=None)
+    for record in report.results:
+        assert record["steps"] == 0 and record["params"]["real"] == 0 and record["history"] == []
+    table = grid.comparison_table(report.results)
+    assert list(table["PEFT method"]) == [grid.BASELINE] and list(table.columns)[5:] == ["BoolQ", "SST-2", "AVG"]
 
 
 def test_hub_model_shapes_come_from_its_config_alone(tmp_path):

