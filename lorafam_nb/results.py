@@ -54,8 +54,9 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 import types
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -64,7 +65,7 @@ from typing import Any
 import torch
 
 __all__ = ["Store", "code_fingerprint", "code_identity", "default_dir", "git_commit", "is_code", "json_value", "key_of",
-           "load_records", "provenance", "read_records", "remember_loaded", "write_json"]
+           "load_records", "measured", "provenance", "read_records", "remember_loaded", "write_json"]
 
 PACKAGE = __name__.rpartition(".")[0]
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -420,6 +421,27 @@ class Store:
 
     def frame(self, keys: Sequence[str] | None = None) -> Any:
         return load_records(self.directory, keys)
+
+
+def measured(store: Store, name: str, settings: dict[str, Any], code: Sequence[Any], compute: Callable[[], Any],
+             profile: str, device: str) -> Any:
+    """A measurement that is not a training run (a benchmark's step times and memory), recorded and reused like
+    one. Its key covers ``name``, the ``settings``, the ``profile`` and the fingerprint of the code it runs
+    (the package modules and the functions in ``code``, with what they refer to). ``compute()`` runs only when
+    no record exists and returns JSON-able data; the caller gets that data back after its JSON round trip,
+    fresh or reused alike. Timings are the machine's that recorded them (its provenance says which)."""
+    modules, foreign = code_identity(code)
+    inputs = {"measurement": name, "settings": json_value(settings), "profile": profile,
+              "code": code_fingerprint(modules, foreign)}
+    key = key_of(inputs)
+    record = store.get(key)
+    if record is None:
+        started = time.perf_counter()
+        value = json_value(compute())
+        record = {"key": key, "inputs": inputs, "value": value,
+                  "provenance": provenance(profile, time.perf_counter() - started, device)}
+        store.put(record)
+    return record["value"]
 
 
 remember_loaded()

@@ -316,7 +316,7 @@ def _sample(tmp_path: Path) -> tuple[list[dict], str]:
     """Up to SAMPLE current records of the committed store computed on a CPU, cheapest first; when it has
     none, a run and a grid cell computed now into a temporary store."""
     committed = [r for r in results.read_records(results.REPO_DIR / "results")  # trained ones: a sample that trains
-                 if r.get("provenance", {}).get("machine", {}).get("device") == "cpu" and r["row"]["steps"] and _current(r)]
+                 if r.get("provenance", {}).get("machine", {}).get("device") == "cpu" and r.get("row", {}).get("steps") and _current(r)]
     if committed:
         return sorted(committed, key=lambda r: r["provenance"]["wall_s"])[:SAMPLE], "committed"
     store = Store(tmp_path, fresh=False)
@@ -385,3 +385,26 @@ def test_no_fine_tuning_evaluates_the_model_as_it_is(tmp_path, trainings):
     assert run(spec, store=store, profile="smoke").reused
     with pytest.raises(ValueError, match="takes no callbacks"):
         run(spec, callbacks=[StepRates()])
+
+
+def test_a_measurement_is_recorded_and_reused(tmp_path):
+    """``measured``: computed once, read back after (the same JSON data), recomputed when its settings or the
+    code it runs change."""
+    store, calls = Store(tmp_path, fresh=False), []
+
+    def timing(n):
+        return {"times": {"a": [0.5] * n}}
+
+    def other_timing(n):
+        return {"times": {"a": [0.25] * n}}
+
+    def measure(code, n):
+        return results.measured(store, "t", {"n": n}, [code], lambda: calls.append(n) or code(n), "smoke", "cpu")
+
+    first, again = measure(timing, 2), measure(timing, 2)
+    assert first == again == {"times": {"a": [0.5, 0.5]}} and calls == [2]
+    measure(timing, 3)
+    assert calls == [2, 3]
+    assert measure(other_timing, 2) == {"times": {"a": [0.25, 0.25]}} and calls == [2, 3, 2]  # other code: recomputed
+    (record,) = [r for r in store.records() if r["value"] == first]
+    assert record["provenance"]["profile"] == "smoke" and record["inputs"]["measurement"] == "t"
