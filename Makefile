@@ -25,11 +25,11 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 
+# Two chapters at a time: reading recorded runs back is mostly kernel start-up and imports, one core each.
 book: $(STAMP)
 	mkdir -p book/chapters
-	for nb in $(CHAPTERS); do \
-	  LORAFAM_FRESH=$(FRESH) $(PY) -m papermill --log-level WARNING "$$nb" "book/chapters/$$(basename $$nb)" -p profile $(PROFILE) || exit 1; \
-	done
+	printf '%s\n' $(CHAPTERS) | xargs -P 2 -I{} sh -c \
+	  'LORAFAM_FRESH=$(FRESH) $(PY) -m papermill --log-level WARNING {} book/chapters/$$(basename {}) -p profile $(PROFILE)'
 	$(VENV)/bin/jupyter-book build . --builder html -W --keep-going
 	@echo "book: _build/html/index.html"
 

@@ -162,8 +162,15 @@ def test_symmetric_kl_equals_the_authors_form_and_detaches_targets():
     masked_b = torch.cat([b.detach(), torch.full((5, 1), float("-inf"))], 1)
     torch.testing.assert_close(symmetric_kl(masked_a, masked_b), want.detach(), atol=1e-7, rtol=1e-6)
     assert symmetric_kl(a, a).abs() < 1e-7
-    with pytest.raises(ValueError, match="regression"):
-        symmetric_kl(torch.randn(4), torch.randn(4))
+    # A regression head: unit-variance Gaussians, (a − b)² / 2 per row; each pass gets half the pull.
+    ra, rb = torch.randn(4, requires_grad=True), torch.randn(4, requires_grad=True)
+    term = symmetric_kl(ra, rb)
+    torch.testing.assert_close(term, ((ra - rb) ** 2).mean().detach() / 2)
+    term.backward()
+    torch.testing.assert_close(ra.grad, (ra - rb).detach() / (2 * 4))  # d/da of ¼ mean over 4 rows
+    torch.testing.assert_close(rb.grad, (rb - ra).detach() / (2 * 4))
+    with pytest.raises(ValueError, match="regression outputs"):
+        symmetric_kl(torch.randn(4), torch.randn(5))
 
 
 def test_consistency_runs_a_second_pass_through_the_trainer_hook():

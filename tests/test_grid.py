@@ -171,7 +171,7 @@ def test_grid_caches_by_config_and_builds_tables_from_files(tmp_path):
     assert list(table.columns) == ["Base model", "PEFT method", "#Params", "%Params", "seeds", "BoolQ", "PIQA", "AVG"]
     piqa = records["piqa"]["accuracy"]["piqa"]
     low, high = wilson_interval(piqa, 4)
-    assert row["PIQA"] == f"{100 * piqa:.1f} ± {100 * (high - low) / 2:.1f}" and row["seeds"] == 1
+    assert row["PIQA"] == f"{100 * piqa:.1f} [{100 * low:.1f}–{100 * high:.1f}]" and row["seeds"] == 1  # 4 examples
     multi = grid.multitask_table(first.results).iloc[0]
     assert multi["Δ BoolQ"] == pytest.approx(100 * (mix["accuracy"]["boolq"] - records["boolq"]["accuracy"]["boolq"]),
                                              abs=0.051)
@@ -188,6 +188,7 @@ def test_score_intervals():
     assert spread.mean == pytest.approx(0.8) and (spread.low, spread.high) == pytest.approx((0.8 - t, 0.8 + t))
     r = grid.Score.of([0.5], 103, correlation=True)
     assert (r.low, r.high) == pytest.approx((math.tanh(math.atanh(0.5) - 0.196), math.tanh(math.atanh(0.5) + 0.196)))
+    assert grid.Score(0.5, 0.45, 0.55, 400, 1).text() == "50.0 ± 5.0" and one.text() == "80.0 [71.1–86.7]"
     assert grid.Score.of([0.9], 1000).beyond(grid.Score.of([0.5], 1000))
     assert not grid.Score.of([0.52], 100).beyond(grid.Score.of([0.5], 100))
 

@@ -122,12 +122,17 @@ def use_module(model: AdapterModel, which: str | int) -> Iterator[None]:
 def symmetric_kl(scores_a: Tensor, scores_b: Tensor) -> Tensor:
     """½ [KL(sg[p_B] ‖ p_A) + KL(sg[p_A] ‖ p_B)], p = softmax over the last axis, summed over it and averaged
     over rows (``batchmean``). Scores of −inf (a multiple-choice row's absent choices) have p = 0 and add
-    nothing."""
-    if scores_a.shape != scores_b.shape or scores_a.dim() < 2:
-        raise ValueError(f"AdaMix's consistency compares two (rows, classes) score tensors; got "
-                         f"{tuple(scores_a.shape)} and {tuple(scores_b.shape)} (a regression task has no class "
-                         "distribution: set consistency_weight=0)")
+    nothing.
+
+    A regression head (one score per row, STS-B) has no class distribution. Our reading: each prediction is
+    the mean of a unit-variance Gaussian, for which KL(N(b, 1) ‖ N(a, 1)) = (a − b)² / 2, so the term is
+    ¼ [(a − sg[b])² + (sg[a] − b)²] averaged over rows (the paper evaluates STS-B without writing this case)."""
+    if scores_a.shape != scores_b.shape or scores_a.dim() not in (1, 2):
+        raise ValueError(f"AdaMix's consistency compares two (rows, classes) score tensors, or two (rows,) "
+                         f"regression outputs; got {tuple(scores_a.shape)} and {tuple(scores_b.shape)}")
     a, b = scores_a.float(), scores_b.float()
+    if a.dim() == 1:
+        return 0.25 * ((a - b.detach()) ** 2 + (a.detach() - b) ** 2).mean()
     keep = torch.isfinite(a) & torch.isfinite(b)
     log_a = a.log_softmax(-1).masked_fill(~keep, 0.0)
     log_b = b.log_softmax(-1).masked_fill(~keep, 0.0)
