@@ -224,8 +224,8 @@ def test_every_registered_method_is_exported_and_loads_by_name():
 
 
 def test_register_method_needs_a_name_and_makes_a_config_loadable(monkeypatch):
-    from lorafam_nb import core
-    monkeypatch.setattr(core, "METHODS", dict(core.METHODS))  # keep the toy out of the real registry
+    from lorafam_nb import registry
+    monkeypatch.setattr(registry, "METHODS", dict(registry.METHODS))  # keep the toy out of the real registry
     with pytest.raises(ValueError, match="must set"):
         register_method(type("Nameless", (AdapterConfig,), {}))
     register_method(ToyMoEConfig)
