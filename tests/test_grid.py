@@ -116,7 +116,7 @@ def test_bad_configs_fail_before_training(tmp_path, change, message):
 
 def test_methods_default_to_the_registry_less_skipped():
     profile = dataclasses.replace(grid.PROFILES["smoke"], methods=None, smoke=False, skip={"vera": "too slow"},
-                                  tasks=("boolq",), multi_task=False)
+                                  tasks=("boolq",), multi_task=False, baseline=False)
     methods = [r.method for r in grid.plan(profile)]
     assert "vera" not in methods and sorted(methods) == sorted(set(import_methods()) - {"vera"})
     assert methods[0] == "lora"
