@@ -307,11 +307,11 @@ def plan(profile: Profile | str, seed: int = 0) -> list[GridRun]:
     known = [m for m in METHOD_PATHS if m in registry] + [m for m in registry if m not in METHOD_PATHS]
     chosen = profile.methods or tuple(m for m in known if vars(registry[m]).get("in_smoke_grid") or not profile.smoke)
     methods = tuple(m for m in chosen if m not in profile.skip)
-    for method in (*methods, *profile.skip):
+    for method in (*methods, *profile.skip, *profile.seeds, *(m for ms in profile.task_methods.values() for m in ms)):
         if method not in registry:
             raise ValueError(f"unknown method {method!r}; registered: {', '.join(sorted(registry))}")
     mix = profile.mix_tasks or profile.tasks
-    for task in (*profile.tasks, *mix):
+    for task in (*profile.tasks, *mix, *profile.task_methods, *(profile.seed_tasks or ())):
         if task not in TASK_TITLES:
             raise ValueError(f"unknown task {task!r}; allowed: {', '.join(TASK_TITLES)} (the commonsense suite "
                              f"and GLUE)")

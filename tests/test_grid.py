@@ -105,6 +105,8 @@ def test_closed_form_equals_real_count(method):
     (dict(tasks=("arc_e", "sst3")), r"unknown task 'sst3'; allowed: arc_e, arc_c, boolq, obqa, piqa, sst2"),
     (dict(models={"bert": ModelSettings(4, 4, 16, 4, 1e-3)}), r"unknown model 'bert'; allowed: embedded"),
     (dict(skip={"nolora": "why"}), r"unknown method 'nolora'; registered: "),
+    (dict(task_methods={"boolq": ("nolora",)}), r"unknown method 'nolora'; registered: "),
+    (dict(seed_tasks=("sst3",)), r"unknown task 'sst3'"),
     (dict(reference_rank=1, methods=("dora",)), r"budget 41,472 is below dora's minimum 62,208"),
 ])
 def test_bad_configs_fail_before_training(tmp_path, change, message):
