@@ -91,7 +91,8 @@ def _calls(notebook: Path) -> list:
 def test_every_training_run_goes_through_the_results_store(notebook):
     """A chapter trains only through ``experiment.run`` (or the grid) with the store and the profile, so that
     `make book` reads its runs back: it builds no Trainer of its own, and every ``run(...)`` names ``store=``
-    and ``profile=`` (the performance page's benchmark times steps; it reports no trained result)."""
+    and ``profile=`` (``store=None`` where a chapter deliberately retrains a recorded run to get its model back;
+    the performance page's benchmark times steps, it reports no trained result)."""
     for call in _calls(notebook):
         name = call.func.attr if hasattr(call.func, "attr") else getattr(call.func, "id", "")
         assert name != "Trainer", f"{notebook.stem}: a Trainer outside experiment.run"
