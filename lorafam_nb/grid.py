@@ -48,15 +48,15 @@ from .notebook import Table, mean_interval, pearson_interval, table, wilson_inte
 from .trainer import Callback, TrainConfig, resolve_device
 
 __all__ = [
-    "BASELINE", "GLUE", "MIX", "PROFILES", "REFERENCE_MODELS", "TASKS", "TASK_TITLES", "Budget", "GridReport",
+    "BASELINE", "MIX", "PROFILES", "REFERENCE_MODELS", "TASKS", "TASK_TITLES", "Budget", "GridReport",
     "GridRun", "ModelSettings", "Profile", "Score", "adapter_parameters", "average", "budget_table", "comparison_table", "scores", "default_results_dir", "execute", "load_results",
     "match_budget", "reference_count", "model_shape", "multitask_table", "plan", "run_grid",
 ]
 
 TASKS = ("arc_e", "arc_c", "boolq", "obqa", "piqa")  # the reference table's columns, in its order
-# GLUE tasks, for models too small to leave chance behind on the commonsense suite from a few hundred
-# examples (the encoder classifies them with a sequence-classification head; STS-B is scored by Pearson r).
-GLUE = ("sst2", "mrpc", "cola", "rte", "stsb")
+# The tasks a grid may run: the reference's five, then GLUE, for models too small to leave chance behind on
+# the commonsense suite from a few hundred examples (an encoder classifies them with a sequence-classification
+# head; STS-B is scored by Pearson r).
 TASK_TITLES = {"arc_e": "ARC-e", "arc_c": "ARC-c", "boolq": "BoolQ", "obqa": "OBQA", "piqa": "PIQA",
                "sst2": "SST-2", "mrpc": "MRPC", "cola": "CoLA", "rte": "RTE", "stsb": "STS-B (r)"}
 MIX = "mix"  # the cell that trains one adapter on the union of the profile's tasks
