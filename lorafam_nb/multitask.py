@@ -9,22 +9,20 @@ task beside the macro average, each with its 95 % interval (:func:`per_task_tabl
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .core import AdapterConfig
 from .data import COMMONSENSE_TASKS, GLUE_CHOICE_TASKS, task_info
 from .experiment import RunOutput, RunSpec
+from .intervals import macro_interval
+from .intervals import wilson_interval as interval
 
 __all__ = ["HELD_OUT", "MULTITASK_TASKS", "TRAIN_TASKS", "interval", "macro_interval", "per_task_table", "spec"]
 
 HELD_OUT = "rte_mc"
 MULTITASK_TASKS: tuple[str, ...] = (*COMMONSENSE_TASKS, *(t for t in GLUE_CHOICE_TASKS if t != HELD_OUT), HELD_OUT)
 TRAIN_TASKS: tuple[str, ...] = MULTITASK_TASKS[:-1]
-
-Z95 = 1.959963984540054  # the standard normal's 97.5 % quantile
-
 
 def spec(finetune: str | AdapterConfig, tasks: Sequence[str] = TRAIN_TASKS, **fields: Any) -> RunSpec:
     """A run that trains one model on the union of ``tasks`` and evaluates on each; every example carries
@@ -34,25 +32,6 @@ def spec(finetune: str | AdapterConfig, tasks: Sequence[str] = TRAIN_TASKS, **fi
     if not tasks or unknown:
         raise ValueError(f"tasks must be a non-empty subset of {MULTITASK_TASKS}; unknown: {unknown}")
     return RunSpec(task=tasks[0], mix=tasks, task_ids=MULTITASK_TASKS, finetune=finetune, **fields)
-
-
-def interval(accuracy: float, n: int) -> tuple[float, float]:
-    """Wilson's 95 % interval for an accuracy measured on ``n`` items (sound near 0 and 1 and for small n)."""
-    if n <= 0:
-        raise ValueError(f"an interval needs at least one item, got n={n}")
-    centre = (accuracy + Z95**2 / (2 * n)) / (1 + Z95**2 / n)
-    half = Z95 / (1 + Z95**2 / n) * math.sqrt(accuracy * (1 - accuracy) / n + Z95**2 / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def macro_interval(accuracies: Sequence[float], ns: Sequence[int]) -> tuple[float, float]:
-    """A 95 % normal interval for the mean of independent per-task accuracies (each a binomial proportion)."""
-    if len(accuracies) != len(ns) or not ns:
-        raise ValueError("give one eval size per accuracy, and at least one of each")
-    mean = sum(accuracies) / len(accuracies)
-    variance = sum(a * (1 - a) / n for a, n in zip(accuracies, ns)) / len(accuracies) ** 2
-    half = Z95 * math.sqrt(variance)
-    return max(0.0, mean - half), min(1.0, mean + half)
 
 
 def _cell(accuracy: float, lo: float, hi: float) -> str:

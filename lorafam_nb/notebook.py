@@ -13,6 +13,8 @@ from typing import Any
 
 import pandas as pd
 
+from .intervals import mean_interval, pearson_interval, wilson_interval
+
 __all__ = ["COLUMN_WIDTH", "PROFILES", "Table", "accuracy_text", "mapping_text", "mean_interval", "pearson_interval", "setup", "show",
            "show_settings", "show_source", "smoke_banner", "store_for", "subplots", "table", "wilson_interval"]
 
@@ -60,42 +62,7 @@ def store_for(profile: str) -> Any:
     return Store(tempfile.mkdtemp(prefix="lorafam-smoke-")) if profile == "smoke" else Store()
 
 
-# --- uncertainty ---------------------------------------------------------------------------------
-
-def wilson_interval(accuracy: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The 95 % Wilson score interval of an accuracy measured on ``n`` examples: what a different sample of
-    ``n`` evaluation examples could have given (it stays inside [0, 1] and is sensible at small ``n``)."""
-    if n <= 0:
-        raise ValueError(f"an interval needs n > 0 evaluated examples, got {n}")
-    centre = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def pearson_interval(r: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The 95 % interval of a Pearson correlation ``r`` measured on ``n`` pairs (Fisher's z transform)."""
-    if n <= 3:
-        raise ValueError(f"a correlation's interval needs n > 3 pairs, got {n}")
-    centre, half = math.atanh(max(-0.999999, min(0.999999, r))), z / math.sqrt(n - 3)
-    return math.tanh(centre - half), math.tanh(centre + half)
-
-
-def mean_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
-    """Mean of ``values`` (one per seed) and its ``level`` t-interval ``(mean, low, high)``: the spread
-    over seeds, the uncertainty that matters when two methods differ by a little. One value has no spread:
-    its interval is the value itself (NaN-free, so tables stay readable; say so where it is shown)."""
-    from scipy import stats
-
-    n = len(values)
-    if n == 0:
-        raise ValueError("mean_interval needs at least one value")
-    mean = sum(values) / n
-    if n == 1:
-        return mean, mean, mean
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
-    return mean, mean - half, mean + half
-
+# --- uncertainty: the maths lives in :mod:`lorafam_nb.intervals`; these show it ---------------------
 
 def accuracy_text(accuracy: float, n: int, digits: int = 3) -> str:
     """"0.853 [0.821, 0.880]": an accuracy on ``n`` examples with its 95 % Wilson interval."""

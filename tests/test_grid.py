@@ -13,7 +13,7 @@ from lorafam_nb import core, grid
 from lorafam_nb.core import get_adapter_model, import_methods
 from lorafam_nb.lora import LoraConfig
 from lorafam_nb.grid import MIX, ModelSettings, Profile
-from lorafam_nb.notebook import wilson_interval
+from lorafam_nb.intervals import Z95, wilson_interval
 
 from conftest import tiny_bert
 
@@ -189,7 +189,7 @@ def test_score_intervals():
     t = 4.302653 * 0.2 / 3 ** 0.5  # t(0.975, 2) · sd / √3
     assert spread.mean == pytest.approx(0.8) and (spread.low, spread.high) == pytest.approx((0.8 - t, 0.8 + t))
     r = grid.Score.of([0.5], 103, correlation=True)
-    assert (r.low, r.high) == pytest.approx((math.tanh(math.atanh(0.5) - 0.196), math.tanh(math.atanh(0.5) + 0.196)))
+    assert (r.low, r.high) == pytest.approx((math.tanh(math.atanh(0.5) - Z95 / 10), math.tanh(math.atanh(0.5) + Z95 / 10)))
     assert grid.Score(0.5, 0.45, 0.55, 400, 1).text() == "50.0 ± 5.0" and one.text() == "80.0 [71.1–86.7]"
     assert grid.Score.of([0.9], 1000).beyond(grid.Score.of([0.5], 1000))
     assert not grid.Score.of([0.52], 100).beyond(grid.Score.of([0.5], 100))

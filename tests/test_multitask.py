@@ -42,19 +42,6 @@ def test_task_ids_index_the_whole_setting() -> None:
         multitask.spec("head", tasks=("rte",))
 
 
-def test_wilson_interval_matches_hand_values() -> None:
-    lo, hi = multitask.interval(0.0, 10)  # Wilson: [0, z²/(n+z²)]
-    z2 = multitask.Z95**2
-    assert lo == 0.0 and hi == pytest.approx(z2 / (10 + z2))
-    lo, hi = multitask.interval(0.5, 100)
-    assert (lo + hi) / 2 == pytest.approx(0.5) and hi - lo == pytest.approx(2 * 0.0961684696, abs=1e-8)
-    lo, hi = multitask.macro_interval([0.5, 0.7], [100, 50])
-    assert (lo + hi) / 2 == pytest.approx(0.6)
-    assert hi - lo == pytest.approx(2 * multitask.Z95 * math.sqrt((0.25 / 100 + 0.21 / 50) / 4))
-    with pytest.raises(ValueError):
-        multitask.interval(0.5, 0)
-
-
 class _Staged(LoraConfig):
     """A LoRA whose first stage records what it was handed."""
 
