@@ -18,16 +18,11 @@ from transformers import Dinov2Config, Dinov2ForImageClassification, ViTConfig, 
 
 from conftest import tiny_bert, toy_task
 from lorafam_nb import get_adapter_model
-from lorafam_nb.core import METHOD_MODULES, METHODS, AdapterModel, Site
+from lorafam_nb.core import AdapterModel, Site
 from lorafam_nb.moe.adamix import AdaMixConsistency
 from lorafam_nb.moe.experts import BottleneckAdapters
 from lorafam_nb.moe.mosa import MosaConfig, MoSALayer, SparseModules, mosa_layers
 from lorafam_nb.trainer import TrainConfig, Trainer
-
-# Until MoSA joins registry.METHOD_MODULES, keep it out of the registry that other test modules read when they are
-# collected (the overview's and the grid's checks iterate every registered method).
-if "moe.mosa" not in METHOD_MODULES:
-    METHODS.pop(MosaConfig.method, None)
 
 D, LAYERS = 16, 2
 PIXELS = torch.randn(2, 3, 14, 14, generator=torch.Generator().manual_seed(5))  # 2 × 2 patches of 7 px

@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import (AdapterConfig, AdapterLayer, AdapterModel, AdapterScope, MethodCard, Site, block_index,
-                    register_method, require_positive_ints, site_type)
+                    require_positive_ints, site_type)
 from ..models import ffn_blocks
 from ..trainer import Callback
 from .adamix import AdaMixConsistency
@@ -274,7 +274,6 @@ class ParallelSite(Site):
     tap: nn.Module | None = field(default=None, compare=False, repr=False)
 
 
-@register_method
 @dataclass
 class MosaConfig(AdapterConfig):
     """MoSA's hyperparameters (the released config's names in brackets): ``num_experts`` N (``EXPERT_NUM``),
