@@ -269,7 +269,8 @@ def setups(r: int = 8, steps: int = 10) -> dict[str, Callable[[nn.Module], nn.Mo
     """Name -> function turning a fresh MiniLM classifier into the model to time: the baselines, every
     registered method, and peft's version of the methods whose configs say peft implements them."""
     shape = model_shape("minilm")
-    configs = {name: method_config(cls, r, steps, shape) for name, cls in import_methods().items()}
+    configs = {name: method_config(cls, r, steps, shape) for name, cls in import_methods().items()
+               if cls.modality == "text"}  # the vision and multimodal methods are timed on their own models
     ours = {name: (lambda m, c=c: get_adapter_model(m, c)) for name, c in configs.items()}
     references = {f"peft:{name}": _peft(c) for name, c in configs.items() if vars(type(c)).get("peft_reference")}
     return {"frozen": frozen, "full": lambda m: m, **ours, **references}

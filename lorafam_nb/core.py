@@ -386,6 +386,12 @@ class AdapterConfig:
     # Whether peft implements this method's layer, so that the benchmark times peft's (built from
     # :meth:`to_peft`) beside ours; a config's own setting, not inherited.
     peft_reference: ClassVar[bool] = False
+    # What the method adapts: "text" methods join the text experiments grid and the MiniLM benchmark;
+    # "vision" and "multimodal" ones are compared on their own models (the vision chapters).
+    modality: ClassVar[str] = "text"
+    # The wrapper :func:`get_adapter_model` builds (None: :class:`AdapterModel`); a method whose adapter is a
+    # module on top of the model (MLoRE's decoder) subclasses it.
+    model_class: ClassVar[type[AdapterModel] | None] = None
 
     def make_layer(self, name: str, module: nn.Module) -> AdapterLayer:
         raise NotImplementedError
@@ -731,7 +737,7 @@ class AdapterModel(nn.Module):
         ``requires_grad`` flag of ``model`` is put back before the error propagates."""
         modules = dict(model.named_modules())  # parents before children
         flags = [(p, p.requires_grad) for p in model.parameters()]
-        adapted = cls(model, config)
+        adapted = (config.model_class or cls)(model, config)
         try:
             adapted.load_adapter_state_dict(tensors(adapted) if callable(tensors) else tensors, source=source)
         except BaseException:
@@ -795,5 +801,6 @@ def write_adapter_files(directory: str | Path, files: dict[str, dict[str, Any]])
 
 
 def get_adapter_model(model: nn.Module, config: AdapterConfig) -> AdapterModel:
-    """Inject ``config``'s adapter into ``model`` (in place) and return the wrapper."""
-    return AdapterModel(model, config)
+    """Inject ``config``'s adapter into ``model`` (in place) and return the wrapper (the config's
+    ``model_class``, by default :class:`AdapterModel`)."""
+    return (config.model_class or AdapterModel)(model, config)

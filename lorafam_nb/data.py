@@ -4,7 +4,8 @@ Everything is read from ``lorafam_nb/_data``: byte-for-byte copies of the upstre
 files, xz-compressed, listed with their sha256, source and licence in
 ``_data/MANIFEST.json``. Nothing is downloaded, so results do not depend on a hub
 revision and the book builds offline. The maintainers' tool ``tests/vendor_data.py`` refreshes
-that directory from the upstream files.
+that directory from the upstream files. Tasks of other kinds (the vision tasks) are registered by their own
+modules (:func:`register_task`), which load their rows themselves.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from typing import Any
 import datasets
 import numpy as np
 
+from .registry import import_extensions
+
 __all__ = [
     "BOOK_TASKS",
     "COMMONSENSE_TASKS",
@@ -34,7 +37,9 @@ __all__ = [
     "DATA_DIR",
     "TASK_NAMES",
     "parse_files",
+    "register_task",
     "split_files",
+    "task_code",
 ]
 
 COMMONSENSE_TASKS: tuple[str, ...] = ("arc_e", "arc_c", "boolq", "obqa", "piqa")
@@ -72,6 +77,14 @@ class TaskInfo:
     splits: tuple[str, ...]  # available splits
     eval_split: str  # the split results are reported on
     label_names: tuple[str, ...]  # GLUE class names by label id; () for MC/regression
+    # The metric results report (higher is better); "" means accuracy, or Pearson r for regression.
+    metric: str = ""
+    # The protocol the task needs whatever the model ("" for text tasks: the model's architecture decides).
+    protocol: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.metric:
+            object.__setattr__(self, "metric", "pearson" if self.kind == "regression" else "accuracy")
 
 
 class DataFormatError(ValueError):
@@ -495,8 +508,18 @@ _ALIASES: dict[str, str] = {
 TASK_NAMES: tuple[str, ...] = tuple(_TASKS)  # every task load_task knows, by canonical name
 
 
+def register_task(info: TaskInfo, load: Callable[[str, int | None, int], Any]) -> None:
+    """Add a task from outside the text core (:data:`lorafam_nb.registry.EXTENSION_MODULES`): ``load(split, n,
+    seed)`` gives its rows (what its protocol's ``encode`` reads), drawn as :func:`load_task` draws them."""
+    _TASKS[info.name] = _Task(info, {}, load)
+    _ALIASES.update({_normalise(info.name): info.name, _normalise(info.title): info.name})
+
+
 def _resolve(task: str) -> _Task:
     name = _ALIASES.get(_normalise(task)) if isinstance(task, str) else None
+    if name is None and isinstance(task, str):
+        import_extensions()
+        name = _ALIASES.get(_normalise(task))
     if name is None:
         raise ValueError(
             f"unknown task {task!r}; expected one of {', '.join(_TASKS)} "
@@ -508,6 +531,13 @@ def _resolve(task: str) -> _Task:
 def task_info(task: str) -> TaskInfo:
     """Describe ``task`` (canonical name or alias, e.g. ``"ARC-Easy"``, ``"sst-2"``)."""
     return _resolve(task).info
+
+
+def task_code(task: str) -> list[Callable[..., Any]]:
+    """What reading ``task`` runs beyond the text core: a registered task's loader (the results store
+    fingerprints the module it comes from); nothing for the shipped text tasks."""
+    found = _resolve(task)
+    return [] if found.files else [found.parse]
 
 
 def split_files(task: str) -> dict[str, tuple[str, ...]]:
@@ -564,11 +594,14 @@ def load_task(task: str, split: str = "train", n: int | None = None, seed: int =
     result depends only on ``(task, split, n, seed)``; ``None`` or ``n >= len`` gives
     the whole split.
     """
-    info = _resolve(task).info
+    found = _resolve(task)
+    info = found.info
     if split not in info.splits:
         raise ValueError(f"unknown split {split!r} for task {info.name}; expected one of {', '.join(info.splits)}")
     if n is not None and n <= 0:
         raise ValueError(f"n must be a positive number of examples or None, got {n}")
+    if not found.files:  # a registered task loads itself
+        return found.parse(split, n, seed)
     rows = _rows(info.name, split)
     if n is not None and n < len(rows):
         picked = np.sort(np.random.default_rng(seed).choice(len(rows), size=n, replace=False))

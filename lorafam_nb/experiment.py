@@ -41,10 +41,10 @@ from torch import nn
 
 from . import distributed
 from .core import AdapterConfig, AdapterModel, count_parameters, get_adapter_model, suffix_match
-from .data import load_task, task_info
-from .models import architecture_of, load_model, load_tokenizer, model_spec
+from .data import load_task, task_code, task_info
+from .models import architecture_of, load_model, load_tokenizer, model_code, model_spec
 from .results import Store, code_fingerprint, code_identity, is_code, json_value, key_of, provenance, remember_loaded
-from .tasks import EncodedTask, encode, evaluate
+from .tasks import EncodedTask, encode, evaluate, get_protocol
 from .trainer import PRECISIONS, Callback, TrainConfig, Trainer, TrainResult, resolve_device, set_seed
 
 __all__ = ["AtEnd", "ModelFacts", "ReusedRunError", "adapter_parameters", "RunOutput", "RunSpec", "build_model", "describe", "encode_task", "run", "run_inputs",
@@ -63,7 +63,9 @@ class RunSpec:
     train_n: int | None = 2000
     eval_n: int | None = 500
     max_length: int = 128
-    protocol: str | None = None  # None: "encoder" for encoders, "label_token" for decoders
+    image_size: int | None = None  # the side images are resized to (None: the model's default)
+    # None: the task's own (vision tasks), else "encoder" for encoders and "label_token" for decoders.
+    protocol: str | None = None
     seed: int = 0
     train: TrainConfig = field(default_factory=TrainConfig)
     label: str = ""  # how tables and legends name this run
@@ -81,18 +83,14 @@ class RunSpec:
         return self.mix or (self.task,)
 
     def resolved_protocol(self) -> str:
-        if self.protocol:
-            return self.protocol
+        chosen = self.protocol or task_info(self.task).protocol
+        if chosen:
+            return chosen
         return "label_token" if architecture_of(self.model) == "decoder" else "encoder"
 
 
 def _head_for(spec: RunSpec) -> tuple[str, int]:
-    info = task_info(spec.task)
-    if spec.resolved_protocol() != "encoder":
-        return "causal_lm", 0
-    if info.kind == "multiple_choice":
-        return "multiple_choice", 0
-    return "sequence_classification", 1 if info.kind == "regression" else info.num_labels
+    return get_protocol(spec.resolved_protocol()).head(task_info(spec.task))
 
 
 def train_head_only(model: nn.Module, heads: list[str]) -> nn.Module:
@@ -132,9 +130,10 @@ def build_model(spec: RunSpec) -> nn.Module:
 def encode_task(spec: RunSpec, split: str, n: int | None) -> EncodedTask:
     """``n`` examples of ``spec.task``; in a multi-task mix each carries ``task_id``, its task's index in
     ``spec.task_ids or spec.mix`` (the side input that task-routed adapters read)."""
-    tokenizer = load_tokenizer(spec.model)
+    protocol = spec.resolved_protocol()
+    tokenizer = load_tokenizer(spec.model) if get_protocol(protocol).tokenized else None
     rows = load_task(spec.task, split, n=n, seed=spec.seed)
-    task = encode(rows, spec.task, tokenizer, spec.resolved_protocol(), spec.max_length)
+    task = encode(rows, spec.task, tokenizer, protocol, spec.max_length, spec.model, spec.image_size)
     ids = spec.task_ids or spec.mix
     if ids:
         if spec.task not in ids:
@@ -276,9 +275,12 @@ def run_inputs(spec: RunSpec, profile: str | None, callbacks: Sequence[Callback]
     used = [type(c) for c in callbacks] + [v for c in callbacks for v in vars(c).values() if is_code(v)]
     if isinstance(spec.finetune, AdapterConfig):
         used.append(type(spec.finetune))
-    modules, foreign = code_identity(used)
-    known = model_spec(spec.model)
-    code = code_fingerprint({__name__, *modules}, foreign, [known.package] if known else [])
+    # Code outside the text core that the run reads through a registry: its protocol, tasks and model.
+    used.append(get_protocol(spec.resolved_protocol()).encode)
+    used += [f for t in dict.fromkeys((*spec.task_names(), *spec.eval_on)) for f in task_code(t)]
+    loaders, packages = model_code(spec.model)
+    modules, foreign = code_identity(used + loaders)
+    code = code_fingerprint({__name__, *modules}, foreign, packages)
     return {"spec": _spec_inputs(spec), "profile": profile, "context": json_value(context),
             "callbacks": [{"name": _record_name(c), "class": f"{type(c).__module__}.{type(c).__qualname__}",
                            "settings": _settings(c)} for c in callbacks],
@@ -364,7 +366,7 @@ def run(spec: RunSpec, model: nn.Module | None = None, *, callbacks: Sequence[Ca
 def _row(spec: RunSpec, result: TrainResult, evaluations: list[EncodedTask], model: nn.Module, train_n: int,
          wall_s: float) -> dict[str, Any]:
     """The run's flat result row (see :func:`run`)."""
-    metric = "pearson" if task_info(spec.task).kind == "regression" else "accuracy"
+    metric = task_info(spec.task).metric
     per_task = {e.info.name: result.final[e.info.name] for e in evaluations}
     trainable, total = count_parameters(model)
     return {
@@ -401,7 +403,7 @@ def _untrained(spec: RunSpec, model: nn.Module, evaluations: list[EncodedTask], 
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         for task in evaluations:
             metrics = evaluate(model, task, spec.train.eval_batch_size, device)
-            row[task.info.name] = metrics.get("accuracy", metrics.get("pearson"))
+            row[task.info.name] = metrics[task.info.metric]
     result = TrainResult(evals=[row])
     out = RunOutput(json_value(_row(spec, result, evaluations, model, 0, time.perf_counter() - begun)), [],
                     json_value(result.evals), {}, provenance(profile, time.perf_counter() - started, str(device)),

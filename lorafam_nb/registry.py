@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .core import AdapterConfig
 
-__all__ = ["METHODS", "METHOD_MODULES", "METHOD_PATHS", "import_method", "import_methods", "register_method"]
+__all__ = ["EXTENSION_MODULES", "METHODS", "METHOD_MODULES", "METHOD_PATHS", "import_extensions", "import_method",
+           "import_methods", "register_method"]
 
 METHODS: dict[str, type[AdapterConfig]] = {}
 # The package's method modules, one per paper, by module path inside the package (the mixtures live
@@ -26,6 +27,10 @@ METHOD_MODULES: tuple[str, ...] = (
     "qlora", "moe.mixlora", "moe.loramoe", "moe.mola", "moe.moral", "moe.moelora_cl", "moe.moelora_mt", "moe.moa",
     "moe.pesc", "moe.adamix", "moe.polytropon", "moe.sira", "moe.mole",
 )
+# Modules that register tasks, protocols and models beyond the text core (the vision tasks, the toy
+# vision-language model), imported when a name is not found. Kept out of the text core, like the methods, so
+# that editing one changes the keys of the runs that use it and no others.
+EXTENSION_MODULES: tuple[str, ...] = ("vision_tasks", "vlm")
 # Registered method name -> module path ("mixlora" -> "moe.mixlora").
 METHOD_PATHS: dict[str, str] = {path.rpartition(".")[2]: path for path in METHOD_MODULES}
 
@@ -52,3 +57,9 @@ def import_method(method: str) -> type[AdapterConfig]:
     if method not in METHODS:
         raise ValueError(f"unknown adapter method {method!r}; registered: {sorted(set(METHODS) | set(METHOD_PATHS))}")
     return METHODS[method]
+
+
+def import_extensions() -> None:
+    """Import every extension module (each registers its tasks, protocols and models when imported)."""
+    for module in EXTENSION_MODULES:
+        importlib.import_module(f"{__package__}.{module}")

@@ -262,7 +262,7 @@ class Trainer:
         for task in self.eval_tasks:
             with self.autocast():
                 metrics = evaluate(self.model, task, self.config.eval_batch_size, self.device)
-            row[task.info.name] = metrics.get("accuracy", metrics.get("pearson"))
+            row[task.info.name] = metrics[task.info.metric]
         for callback in self.callbacks:
             callback.on_evaluate(self, row)
         self.result.evals.append(row)

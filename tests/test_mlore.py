@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorafam_nb import get_adapter_model
+from lorafam_nb import AdapterModel, get_adapter_model
 from lorafam_nb.moe.mlore import (LowRankConvExperts, MLoREConfig, MLoREModel, MLoREModule, dense_gates, mlore_gate,
                                   mlore_module_parameters)
 
@@ -392,7 +392,8 @@ def test_clear_errors():
         model.decoder.scales[0][0](torch.randn(2, 8, 8, 8), "edges")
     with pytest.raises(ValueError, match="positions"):
         model.decoder.scales[0][0](torch.randn(2, 8, 4, 4), "seg")  # the router's Linear(H·W → 1) is for 8×8
-    plain = get_adapter_model(TinyBackbone(), small_config(target_modules=["blocks.0"]))
+    assert type(get_adapter_model(TinyBackbone(), small_config(target_modules=["blocks.0"]))) is MLoREModel
+    plain = AdapterModel(TinyBackbone(), small_config(target_modules=["blocks.0"]))  # not the config's model class
     with pytest.raises(RuntimeError, match="MLoREModel"):
         plain(torch.randn(1, 3, 16, 16))
 

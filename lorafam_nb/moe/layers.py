@@ -181,6 +181,19 @@ def mixture_budget_order(cls: type[AdapterConfig], values: dict[str, int], count
             -values[cls.budget_knob])
 
 
+class MixtureBudget:
+    """Mixin for a mixture's config (put first among its bases): sized for a budget by expert rank and expert
+    count together (:func:`mixture_budget_candidates`, :func:`mixture_budget_order`)."""
+
+    @classmethod
+    def budget_candidates(cls, sites: list[Site]) -> list[dict[str, int]]:
+        return mixture_budget_candidates(cls)
+
+    @classmethod
+    def budget_order(cls, values: dict[str, int], count: int, target: int) -> tuple[float, ...]:
+        return mixture_budget_order(cls, values, count, target)
+
+
 class PooledLoadBalance:
     """Mixin for a token-routed mixture's config (put first among its bases): one Switch load-balance term,
     weighted by the config's ``router_aux_loss_coef``, over the routing of every routed layer of a forward

@@ -49,7 +49,7 @@ from ..core import AdapterConfig, AdapterContext, AdapterLayer, AdapterScope, Me
 from ..lora import LoRALinear
 from ..models import FeedForward
 from .experts import Dispatch
-from .layers import PATHS, mixture_budget_candidates, mixture_budget_order
+from .layers import PATHS, MixtureBudget
 from .mixlora import MixLoraConfig, MixLoRAFFN
 from .routers import Routing, TopKRouter, router_dtype, top_k
 
@@ -140,7 +140,7 @@ def mole_balance(routes: list[Route]) -> Tensor:
 
 
 @dataclass
-class LLaVAMoLEConfig(AdapterConfig):
+class LLaVAMoLEConfig(MixtureBudget, AdapterConfig):
     """LLaVA-MoLE's hyperparameters: ``num_experts`` K, ``top_k`` (1: the paper), the experts' and attention
     LoRAs' rank ``r``, ``lora_alpha`` (scale α/r), ``lora_dropout``, balance weight ``router_aux_loss_coef`` w
     (the release's ``moe_balance_w``). ``target_modules`` get a plain LoRA (the attention projections; ``[]``:
@@ -208,14 +208,6 @@ class LLaVAMoLEConfig(AdapterConfig):
     def num_parameters(self, d_in: int, d_out: int) -> int:
         """The experts on one d_out × d_in FFN linear: K r (d_in + d_out)."""
         return self.num_experts * self.r * (d_in + d_out)
-
-    @classmethod
-    def budget_candidates(cls, sites: list[Site]) -> list[dict[str, int]]:
-        return mixture_budget_candidates(cls)
-
-    @classmethod
-    def budget_order(cls, values: dict[str, int], count: int, target: int) -> tuple[float, ...]:
-        return mixture_budget_order(cls, values, count, target)
 
     def aux_loss_weights(self) -> dict[str, float]:
         return {"load_balance": self.router_aux_loss_coef}

@@ -42,7 +42,7 @@ from ..core import AdapterConfig, AdapterLayer, AdapterModel, AdapterScope, Meth
 from ..lora import LoRALinear
 from ..models import FeedForward, ffn_blocks
 from .experts import LoRAExperts
-from .layers import PATHS, PooledLoadBalance, mixture_budget_candidates, mixture_budget_order
+from .layers import PATHS, MixtureBudget, PooledLoadBalance
 from .routers import TopKRouter, router_dtype
 
 __all__ = ["MixLoraConfig", "MixLoRAFFN", "authors_model", "load_mixlora", "mixlora_config", "save_mixlora"]
@@ -112,7 +112,7 @@ class MixLoRAFFN(AdapterLayer):
 
 @register_method
 @dataclass
-class MixLoraConfig(PooledLoadBalance, AdapterConfig):
+class MixLoraConfig(MixtureBudget, PooledLoadBalance, AdapterConfig):
     """MixLoRA's hyperparameters (the authors' names): ``num_experts`` E, ``top_k`` k, the experts' and the
     attention LoRAs' rank ``r``, ``lora_alpha`` and ``lora_dropout``, ``router_aux_loss_coef`` a,
     ``router_init_range`` (std of W_r) and ``jitter_noise`` ε. ``target_modules`` names the linears that
@@ -180,14 +180,6 @@ class MixLoraConfig(PooledLoadBalance, AdapterConfig):
     def num_parameters(self, d_in: int, d_out: int) -> int:
         """Trainable parameters of the experts on one d_out × d_in FFN linear: E r (d_in + d_out)."""
         return self.num_experts * self.r * (d_in + d_out)
-
-    @classmethod
-    def budget_candidates(cls, sites: list[Site]) -> list[dict[str, int]]:
-        return mixture_budget_candidates(cls)
-
-    @classmethod
-    def budget_order(cls, values: dict[str, int], count: int, target: int) -> tuple[float, ...]:
-        return mixture_budget_order(cls, values, count, target)
 
 
 

@@ -572,3 +572,6 @@ class MLoREModel(AdapterModel):
         if data.pop("method", None) != MLoREConfig.method:
             raise ValueError(f"{directory} holds no {MLoREConfig.method!r} adapter")
         return cls.inject_and_load(model, MLoREConfig(**data), read_tensors(directory / WEIGHTS_FILE), str(directory))
+
+
+MLoREConfig.model_class = MLoREModel  # get_adapter_model builds the backbone with its decoder

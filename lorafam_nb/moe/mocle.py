@@ -56,7 +56,7 @@ from torch import Tensor, nn
 
 from ..core import AdapterConfig, AdapterScope, MethodCard, Site, require_positive_ints
 from .experts import LoRAExperts
-from .layers import PATHS, MoELoRALinear, mixture_budget_candidates, mixture_budget_order
+from .layers import PATHS, MixtureBudget, MoELoRALinear
 from .routers import Routing, TaskRouter, router_dtype, softmax
 from .separate import kmeans
 
@@ -314,7 +314,7 @@ class MoCLELinear(MoELoRALinear):
 # --- the config -----------------------------------------------------------------------------------
 
 @dataclass
-class MoCLEConfig(AdapterConfig):
+class MoCLEConfig(MixtureBudget, AdapterConfig):
     """MoCLE's hyperparameters (the paper's defaults): expert rank ``r`` 8, ``lora_alpha`` α 32 (s = α/r = 4),
     ``lora_dropout`` 0.1 on the LoRA input, ``num_experts`` E 4 (plus the universal expert), ``num_clusters``
     C 64 (the k-means of the instructions; 16 also released), ``cluster_dim`` d_T 384 (the width of each layer's
@@ -392,11 +392,3 @@ class MoCLEConfig(AdapterConfig):
         loras = self.num_experts + (1 if self.universal else 0)
         return loras * self.r * (d_in + d_out) + self.num_clusters * self.cluster_dim + (self.cluster_dim + 1) * self.num_experts
 
-    @classmethod
-    def budget_candidates(cls, sites: list[Site]) -> list[dict[str, int]]:
-        """Expert rank r and expert count E together (at a fixed E the count moves by (E + 1)(d_in + d_out))."""
-        return mixture_budget_candidates(cls)
-
-    @classmethod
-    def budget_order(cls, values: dict[str, int], count: int, target: int) -> tuple[float, ...]:
-        return mixture_budget_order(cls, values, count, target)

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from ..core import AdapterConfig, AdapterModel, AdapterScope, MethodCard, Site, register_method, require_positive_ints
 from ..multitask import MULTITASK_TASKS
 from .experts import LoRAExperts
-from .layers import TaskRoutedLayer, merge_task, mixture_budget_candidates, mixture_budget_order
+from .layers import MixtureBudget, TaskRoutedLayer, merge_task
 from .routers import TaskRouter, router_dtype
 
 __all__ = ["GATE_KEY", "MOELoRAConfig", "MOELoRALinear", "gate_entropy", "merge_task", "shared_gate", "task_gates"]
@@ -86,7 +86,7 @@ class MOELoRALinear(TaskRoutedLayer):
 
 @register_method
 @dataclass
-class MOELoRAConfig(AdapterConfig):
+class MOELoRAConfig(MixtureBudget, AdapterConfig):
     """MOELoRA's hyperparameters: ``num_experts`` N, expert rank ``r`` (total rank N·r), ``lora_alpha`` α
     (scale α/(N·r)), ``lora_dropout`` on the expert input, ``num_tasks`` |T|, ``task_dim`` d_T of the task
     embedding, ``default_task`` (the id of rows that carry none) and ``init_std`` of the experts' A (None:
@@ -142,15 +142,6 @@ class MOELoRAConfig(AdapterConfig):
 
     def model_parameters(self, sites: list[Site]) -> int:
         return sum(self.site_parameters(s) for s in sites) + (self.gate_parameters() if sites else 0)
-
-    @classmethod
-    def budget_candidates(cls, sites: list[Site]) -> list[dict[str, int]]:
-        """Expert rank r and expert count N together (at a fixed N the count moves by N·(d_in + d_out))."""
-        return mixture_budget_candidates(cls)
-
-    @classmethod
-    def budget_order(cls, values: dict[str, int], count: int, target: int) -> tuple[float, ...]:
-        return mixture_budget_order(cls, values, count, target)
 
     @classmethod
     def sized(cls, values: dict[str, Any] | int, target_modules: list[str] | str, steps: int = 1,
