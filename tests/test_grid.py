@@ -15,7 +15,7 @@ from lorafam_nb.lora import LoraConfig
 from lorafam_nb.grid import MIX, ModelSettings, Profile
 from lorafam_nb.intervals import Z95, wilson_interval
 
-from conftest import tiny_bert
+from conftest import text_methods, tiny_bert
 
 # MiniLM-L6's six adapted linears per block (d_in, d_out), six blocks: S_io = 41,472, S_out = 20,736.
 MINILM = [(384, 384)] * 4 + [(384, 1536), (1536, 384)]
@@ -29,7 +29,7 @@ def minilm_shape():
 
 
 def test_match_budget_on_minilm_shapes(minilm_shape):
-    methods = import_methods()
+    methods = text_methods()
     assert sorted(minilm_shape.linears) == sorted(MINILM)
     sites = {m: grid.method_sites(methods[m], minilm_shape) for m in methods}
     budgets = {m: grid.match_budget(methods[m], sites[m], LORA8) for m in methods}
@@ -78,7 +78,7 @@ def test_budget_below_minimum_fails_with_the_minimum(minilm_shape):
         grid.match_budget(methods["dora"], grid.method_sites(methods["dora"], minilm_shape), 1_000)
 
 
-@pytest.mark.parametrize("method", sorted(import_methods()))
+@pytest.mark.parametrize("method", sorted(text_methods()))
 def test_closed_form_equals_real_count(method):
     """num_parameters summed over the adapted linears is what the injected model really trains
     (LoRA-drop with every layer kept is its pre-probe count; sharing can only lower it)."""
@@ -120,7 +120,7 @@ def test_methods_default_to_the_registry_less_skipped():
     profile = dataclasses.replace(grid.PROFILES["smoke"], methods=None, smoke=False, skip={"vera": "too slow"},
                                   tasks=("boolq",), multi_task=False, baseline=False)
     methods = [r.method for r in grid.plan(profile)]
-    assert "vera" not in methods and sorted(methods) == sorted(set(import_methods()) - {"vera"})
+    assert "vera" not in methods and sorted(methods) == sorted(set(text_methods()) - {"vera"})
     assert methods[0] == "lora"
 
 
