@@ -41,6 +41,7 @@ from .lora import LoraConfig, LoRALinear
 __version__ = "0.1.0"
 
 _LAZY = {"data", "models", "tasks", "trainer", "bench", "notebook", "experiment", "multitask", "moe",
+         "vision_tasks", "vlm", "modal_grid",
          *(m for m in METHOD_MODULES if "." not in m)}
 _LAZY_NAMES = {"Trainer": "trainer", "TrainConfig": "trainer", "Callback": "trainer", "load_task": "data",
                "load_model": "models", "load_tokenizer": "models", "encode": "tasks", "evaluate": "tasks",
@@ -52,7 +53,7 @@ _LAZY_NAMES = {"Trainer": "trainer", "TrainConfig": "trainer", "Callback": "trai
                "MoLAConfig": "moe.mola", "MoRALConfig": "moe.moral", "MoELoRAConfig": "moe.moelora_cl",
                "MOELoRAConfig": "moe.moelora_mt", "MoAConfig": "moe.moa", "PESCConfig": "moe.pesc",
                "AdaMixConfig": "moe.adamix", "PolytroponConfig": "moe.polytropon", "SiRAConfig": "moe.sira",
-               "MoLEConfig": "moe.mole"}
+               "MoLEConfig": "moe.mole", "MosaConfig": "moe.mosa"}
 
 
 def __getattr__(name: str) -> Any:

@@ -47,6 +47,9 @@ class ImageRows:
     images: np.ndarray
     labels: np.ndarray
 
+    def __len__(self) -> int:
+        return len(self.images)
+
 
 @dataclass(frozen=True)
 class DenseRows:
@@ -55,6 +58,9 @@ class DenseRows:
 
     images: np.ndarray
     targets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.images)
 
 
 def _pixels(images: np.ndarray, encoding: Encoding) -> Tensor:

@@ -7,6 +7,7 @@ save/load, and one forward/backward through the real DINOv2-small."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 from importlib.util import find_spec
 
@@ -18,10 +19,11 @@ from transformers import Dinov2Config, Dinov2ForImageClassification, ViTConfig, 
 
 from conftest import tiny_bert, toy_task
 from lorafam_nb import get_adapter_model
-from lorafam_nb.core import AdapterModel, Site
+from lorafam_nb.core import AdapterConfig, AdapterModel, Site
 from lorafam_nb.moe.adamix import AdaMixConsistency
 from lorafam_nb.moe.experts import BottleneckAdapters
-from lorafam_nb.moe.mosa import MosaConfig, MoSALayer, SparseModules, mosa_layers
+from lorafam_nb.moe.mosa import MosaConfig, MoSALayer, PieceLog, SparseModules, mosa_layers
+from lorafam_nb.registry import METHODS
 from lorafam_nb.trainer import TrainConfig, Trainer
 
 D, LAYERS = 16, 2
@@ -354,6 +356,44 @@ def test_save_load_keeps_masks_and_outputs(tmp_path):
         want = model(pixel_values=PIXELS).logits
         torch.testing.assert_close(other(pixel_values=PIXELS).logits, want, rtol=0, atol=1e-6)
         torch.testing.assert_close(twin(pixel_values=PIXELS).logits, want, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------ registry, the chapter's log
+
+
+def test_registered_as_a_vision_method_and_rebuilt_from_json():
+    assert METHODS["mosa"] is MosaConfig and MosaConfig.modality == "vision"
+    config = MosaConfig(num_experts=3, adapter_dim=7, share=None, split_bias=True, consistency_weight=0.5)
+    assert AdapterConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+@pytest.mark.parametrize(("num_experts", "consistency", "log_every"), [(4, 1.0, 1), (4, 0.0, 3), (1, 0.0, 1)])
+def test_piece_log_sees_the_drawn_pieces_and_only_those_change(num_experts, consistency, log_every):
+    """PieceLog's ``drawn`` (from the routing recorder, whatever the trainer's logging interval) equals the
+    pieces whose entries changed, step by step and layer by layer; its end-of-run norms are the pieces' and the
+    merged W_u's; its record survives the JSON round trip of the results store."""
+    model = get_adapter_model(tiny_bert(), MosaConfig(num_experts=num_experts, adapter_dim=4,
+                                                      consistency_weight=consistency, modules_to_save=["classifier"]))
+    down0 = {n: layer.down.merged().detach().clone() for n, layer in mosa_layers(model).items()}
+    log = PieceLog()
+    Trainer(model, toy_task(16), TrainConfig(lr=1e-2, max_steps=6, batch_size=8, weight_decay=0.01, device="cpu",
+                                             progress=False, log_every=log_every), callbacks=[log]).train()
+    layers = mosa_layers(model)
+    assert log.names == list(layers) and len(log.drawn) == len(log.updated) == 6
+    per_pass = 2 if consistency else 1
+    for drawn, updated in zip(log.drawn, log.updated):
+        assert drawn == updated
+        assert all(1 <= len(d) <= min(per_pass, num_experts) for d in drawn)
+    if num_experts == 1:
+        assert all(d == [[0]] * len(layers) for d in log.drawn)
+    for k, (name, layer) in enumerate(layers.items()):
+        assert log.piece_norms[k] == pytest.approx([float(p.detach().norm()) for p in layer.up.pieces])
+        assert log.merged_norms[k] == pytest.approx(float(layer.up.merged().detach().norm()))
+        change = (layer.down.merged().detach() - down0[name]).norm() / down0[name].norm()
+        assert log.down_change[k] == pytest.approx(float(change)) and log.down_change[k] > 0
+    again = PieceLog()
+    again.restore(json.loads(json.dumps(log.record())))
+    assert again.record() == log.record()
 
 
 # ------------------------------------------------------------------------------------- the real backbone

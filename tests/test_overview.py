@@ -35,6 +35,9 @@ def package_methods() -> dict[str, type]:
 
 METHODS = package_methods()
 NAMES = sorted(METHODS)
+# The formula and merge checks below build text models (a linear, a Llama FFN, a tiny BERT); the vision and
+# multimodal methods check their cards' counts and merges on their own models, in their own test files.
+TEXT_NAMES = sorted(name for name, cls in METHODS.items() if cls.modality == "text")
 
 
 def toc_files() -> list[str]:
@@ -130,7 +133,7 @@ def test_card_chapter_exists_is_in_the_toc_and_cites_the_paper(name):
     assert card.bibkey in cited, f"notebooks/{card.chapter}.ipynb never cites {card.bibkey}"
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", TEXT_NAMES)
 @pytest.mark.parametrize(("d_in", "d_out", "rank"), [(48, 20, 4), (20, 72, 3)])
 def test_card_parameter_formula_matches_num_parameters_and_a_real_layer(name, d_in, d_out, rank):
     cls = METHODS[name]
@@ -178,7 +181,7 @@ def mergeable_config(cls: type):
     return config_with_rank(cls, 4, **kwargs)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", TEXT_NAMES)
 def test_mergeable_agrees_with_what_merge_does(name):
     cls = METHODS[name]
     base = tiny_bert()

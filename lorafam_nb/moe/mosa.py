@@ -62,13 +62,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import (AdapterConfig, AdapterLayer, AdapterModel, AdapterScope, MethodCard, Site, block_index,
-                    require_positive_ints, site_type)
+                    register_method, require_positive_ints, site_type)
 from ..models import ffn_blocks
 from ..trainer import Callback
 from .adamix import AdaMixConsistency
 from .experts import BottleneckAdapters
 
-__all__ = ["MosaConfig", "MoSALayer", "ParallelSite", "SparseModules", "VISION_BLOCKS", "VisionBlock", "mosa_layers"]
+__all__ = ["MosaConfig", "MoSALayer", "ParallelSite", "PieceLog", "SparseModules", "VISION_BLOCKS", "VisionBlock",
+           "mosa_layers"]
 
 LN_EPS = 1e-6  # LN_a's eps in the released code (the ViT's own)
 SHARES = ("down", "up", None)
@@ -274,6 +275,7 @@ class ParallelSite(Site):
     tap: nn.Module | None = field(default=None, compare=False, repr=False)
 
 
+@register_method
 @dataclass
 class MosaConfig(AdapterConfig):
     """MoSA's hyperparameters (the released config's names in brackets): ``num_experts`` N (``EXPERT_NUM``),
@@ -292,6 +294,7 @@ class MosaConfig(AdapterConfig):
     consistency_weight: float = 1.0
 
     method = "mosa"
+    modality: ClassVar[str] = "vision"
     budget_knob: ClassVar[str] = "adapter_dim"
     card = MethodCard(
         title="MoSA", paper="Zhang et al., 2023", arxiv="2312.02923", date="2023-12",
@@ -368,3 +371,74 @@ class MosaConfig(AdapterConfig):
 
     def callbacks(self, model: AdapterModel) -> list[Callback]:
         return [AdaMixConsistency(self.consistency_weight)] if self.consistency_weight > 0 else []
+
+
+class PieceLog(Callback):
+    """What a chapter reads off MoSA's pieces of W_u during a run, kept in the run's record (``record`` /
+    ``restore``), so that a run read back from the results store gives it too.
+
+    Per optimizer step and MoSA layer (``names``): ``drawn``, the W_u modules the routing recorder saw drawn in
+    that step's forward passes (one, or two with the consistency pass; always [0] when N = 1), and ``updated``,
+    the pieces whose entries the step changed. At the end of training, per layer: ``piece_norms`` (‖θ ⊙ M_k‖
+    for each piece k), ``merged_norms`` (‖W̄_u‖, the served up-projection) and ``down_change``
+    (‖W̄_d − W_d(0)‖ / ‖W_d(0)‖)."""
+
+    record_name = "mosa_pieces"
+    FIELDS = ("names", "drawn", "updated", "piece_norms", "merged_norms", "down_change")
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.drawn: list[list[list[int]]] = []
+        self.updated: list[list[list[int]]] = []
+        self.piece_norms: list[list[float]] = []
+        self.merged_norms: list[float] = []
+        self.down_change: list[float] = []
+
+    def settings(self) -> dict[str, Any]:
+        return {}  # it is given nothing: the key needs no settings
+
+    def on_train_begin(self, trainer: Any) -> None:
+        self._layers = mosa_layers(trainer.model)
+        self.names = list(self._layers)
+        self._before = self._pieces()
+        self._down0 = {n: layer.down.merged().detach().clone() for n, layer in self._layers.items()}
+        self._seen: dict[str, tuple[Any, Tensor]] = {}
+
+    def _pieces(self) -> dict[str, list[Tensor]]:
+        return {n: [p.detach().clone() for p in layer.up.pieces] for n, layer in self._layers.items()}
+
+    def _drawn(self, trainer: Any, name: str) -> list[int]:
+        """The W_u modules drawn since the previous step: the recorder's counts, less what it held then (the
+        trainer resets it at each logged step, so the counts are this step's alone when ``log_every`` = 1)."""
+        if self._layers[name].up.num_modules == 1:
+            return [0]
+        stats = trainer.model.recorder.layers.get(f"{name}.up")
+        if stats is None:
+            return []
+        tokens = stats.tokens.clone()
+        last = self._seen.get(name)
+        delta = tokens - last[1] if last is not None and last[0] is stats else tokens
+        self._seen[name] = (stats, tokens)
+        return [k for k, n in enumerate(delta.tolist()) if n > 0]
+
+    def on_step_end(self, trainer: Any) -> None:
+        after = self._pieces()
+        self.drawn.append([self._drawn(trainer, n) for n in self.names])
+        self.updated.append([[k for k, (a, b) in enumerate(zip(self._before[n], after[n])) if not torch.equal(a, b)]
+                             for n in self.names])
+        self._before = after
+
+    @torch.no_grad()
+    def on_train_end(self, trainer: Any) -> None:
+        layers = self._layers
+        self.piece_norms = [[float(p.norm()) for p in layer.up.pieces] for layer in layers.values()]
+        self.merged_norms = [float(layer.up.merged().norm()) for layer in layers.values()]
+        self.down_change = [float((layer.down.merged() - self._down0[n]).norm() / self._down0[n].norm())
+                            for n, layer in layers.items()]
+
+    def record(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.FIELDS}
+
+    def restore(self, data: dict[str, Any]) -> None:
+        for name in self.FIELDS:
+            setattr(self, name, data[name])
