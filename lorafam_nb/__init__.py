@@ -53,7 +53,8 @@ _LAZY_NAMES = {"Trainer": "trainer", "TrainConfig": "trainer", "Callback": "trai
                "MoLAConfig": "moe.mola", "MoRALConfig": "moe.moral", "MoELoRAConfig": "moe.moelora_cl",
                "MOELoRAConfig": "moe.moelora_mt", "MoAConfig": "moe.moa", "PESCConfig": "moe.pesc",
                "AdaMixConfig": "moe.adamix", "PolytroponConfig": "moe.polytropon", "SiRAConfig": "moe.sira",
-               "MoLEConfig": "moe.mole", "MosaConfig": "moe.mosa"}
+               "MoLEConfig": "moe.mole", "MosaConfig": "moe.mosa",
+               "MLoREConfig": "moe.mlore"}
 
 
 def __getattr__(name: str) -> Any:

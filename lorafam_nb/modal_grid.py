@@ -13,7 +13,8 @@ sizes. A method joins its modality's setting by declaring ``modality``; nothing 
   tasks at once, scored per task.
 
 A method whose smallest size is above the budget (a whole-FFN expert is far larger than a LoRA) runs at its
-smallest size, and the table says so.
+smallest size, and the table says so. Methods of a modality without a setting here (``"dense"``: a
+dense-prediction decoder, which has no LoRA counterpart on a frozen CNN) are compared in their chapters.
 """
 from __future__ import annotations
 

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorafam_nb import AdapterModel, get_adapter_model
-from lorafam_nb.moe.mlore import (LowRankConvExperts, MLoREConfig, MLoREModel, MLoREModule, dense_gates, mlore_gate,
-                                  mlore_module_parameters)
+from lorafam_nb.moe.mlore import (LowRankConvExperts, MLoREConfig, MLoREModel, MLoREModule, dense_gates, last_gates,
+                                  mlore_gate, mlore_module_parameters, reparameterization_gap)
 
 TASKS = {"seg": 3, "depth": 1}
 HW = (6, 5)
@@ -437,3 +437,68 @@ def test_efficientnet_lite0_injection_and_one_training_step():
     assert all(p.grad is None for p in backbone.parameters())
     assert all(p.grad is not None for p in model.decoder.parameters())
     assert time.perf_counter() - start < 15
+
+
+# --- chapter-facing switches and read-outs ----------------------------------------------------------------------
+
+def test_registered_as_a_dense_prediction_method():
+    from lorafam_nb import grid, modal_grid
+    from lorafam_nb.core import AdapterConfig
+    assert MLoREConfig.modality == "dense"  # neither the text grid nor the vision/multimodal table plans it
+    assert "mlore" not in {r.method for r in grid.plan("smoke")} | {r.method for r in modal_grid.plan("smoke")}
+    assert AdapterConfig.from_dict(small_config().to_dict()) == small_config()
+
+
+def test_no_modules_leaves_projections_fusion_and_heads():
+    model = tiny_model(modules_per_scale=0).train()
+    assert model.mlore_modules() == {}
+    out = model(torch.randn(3, 3, 16, 16))
+    assert {t: tuple(y.shape) for t, y in out.items()} == {"seg": (3, 3, 16, 16), "depth": (3, 1, 16, 16)}
+    assert model.context.routes == [] and model.aux_losses() == {}
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == model.adapter_config.decoder_parameters([4, 6], [(8, 8), (4, 4)])
+    with_modules = tiny_model().adapter_config.decoder_parameters([4, 6], [(8, 8), (4, 4)])
+    parts = [mlore_module_parameters(8, [1, 2, 3, 4], 3, 2, 2, hw)["total"] for hw in (64, 16)]
+    assert with_modules - trainable == 2 * sum(parts)  # two modules per scale
+    with pytest.raises(ValueError, match="modules_per_scale"):
+        small_config(modules_per_scale=-1)
+
+
+def test_last_gates_are_the_weights_each_module_mixed_with():
+    model = tiny_model()
+    randomise(model.decoder)
+    model.eval()
+    seen = {}
+    for name, module in model.mlore_modules().items():
+        module.register_forward_hook(lambda m, args, out, name=name: seen.__setitem__(f"{name}/{args[1]}", out[1]))
+    with torch.no_grad():
+        model(torch.randn(3, 3, 16, 16))
+    gates = last_gates(model)
+    assert set(gates) == set(seen) and len(gates) == 8
+    for name, w in gates.items():
+        torch.testing.assert_close(w, dense_gates(seen[name]), atol=0, rtol=0)
+        assert w.shape == (3, 4) and ((w > 0).sum(-1) == 2).all() and (w.sum(-1) < 1).all()  # top 2, no renorm
+    pre = tiny_model(pre_softmax=True).eval()
+    with torch.no_grad():
+        pre(torch.randn(2, 3, 16, 16))
+    assert all(torch.allclose(w.sum(-1), torch.ones(2)) for w in last_gates(pre).values())
+
+
+def test_reparameterization_gap_is_float_error_and_leaves_the_model_as_it_was():
+    model = tiny_model()
+    randomise(model.decoder)
+    model.train()
+    gaps = reparameterization_gap(model, torch.randn(3, 3, 16, 16))
+    routes = {f"scales.{s}.{j}/{t}" for s in range(2) for j in range(2) for t in TASKS}
+    assert set(gaps) == routes | {f"output/{t}" for t in TASKS}
+    assert all(0 <= g < 1e-4 for g in gaps.values()) and max(gaps.values()) > 0  # float32 rounding, not zero
+    assert model.training and not any(m.reparameterized for m in model.mlore_modules().values())
+
+
+def test_reparameterization_gap_sees_a_wrong_kernel(monkeypatch):
+    from lorafam_nb.moe import mlore
+    model = tiny_model()
+    randomise(model.decoder)
+    monkeypatch.setattr(mlore, "fuse_bn", lambda K, b, bn: (K, b))  # forget BN_{t,all} in the fused kernel
+    gaps = reparameterization_gap(model, torch.randn(2, 3, 16, 16))
+    assert min(gaps.values()) > 1e-2

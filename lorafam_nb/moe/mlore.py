@@ -40,7 +40,8 @@ method section was not readable here. Deviations, each a config switch or forced
 * The paper's four taps share one resolution (ViT); a CNN's stages do not, so each scale's modules run at
   the tap's own resolution and the per-task fusion upsamples every scale to the finest tap first.
 * ``noise="softplus"`` replaces the unconstrained σ by softplus(σ) (the sheet's declared option);
-  ``generic_path`` and ``detach_generic`` switch the generic path and its stop-gradient off for ablations.
+  ``generic_path`` and ``detach_generic`` switch the generic path and its stop-gradient off for ablations,
+  and ``modules_per_scale=0`` leaves out every MLoRE module (the baseline of per-task heads alone).
 
 Wiring: the core injects only by replacing modules, and a decoder runs *after* the backbone, so
 :class:`MLoREModel` (an :class:`~lorafam_nb.core.AdapterModel`) replaces each tapped module by a pass-through
@@ -60,13 +61,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import (CONFIG_FILE, WEIGHTS_FILE, AdapterConfig, AdapterContext, AdapterLayer, AdapterModel,
-                    AdapterScope, MethodCard, Site, read_json, read_tensors, require_positive_ints, site_of,
-                    suffix_match)
+                    AdapterScope, MethodCard, Site, read_json, read_tensors, register_method, require_positive_ints,
+                    site_of, suffix_match)
 from .losses import cv_squared
 from .routers import Routing, softmax, top_k
 
 __all__ = ["LowRankConvExperts", "MLoREConfig", "MLoREDecoder", "MLoREModel", "MLoREModule", "MLoRERouter",
-           "MLoRETap", "dense_gates", "fuse_bn", "mlore_gate", "mlore_module_parameters"]
+           "MLoRETap", "dense_gates", "fuse_bn", "last_gates", "mlore_gate", "mlore_module_parameters",
+           "reparameterization_gap"]
 
 NOISE = ("raw", "softplus")
 
@@ -362,6 +364,7 @@ def mlore_module_parameters(channels: int, ranks: list[int], kernel_size: int, t
     return parts | {"total": parts["experts"] + parts["generic"] + num_tasks * per_task}
 
 
+@register_method
 @dataclass
 class MLoREConfig(AdapterConfig):
     """MLoRE's hyperparameters, peft-style names, the paper's values as defaults.
@@ -371,7 +374,8 @@ class MLoREConfig(AdapterConfig):
     ``tasks``: task name → output channels (default: the easy-VQA dense targets of
     :func:`lorafam_nb.vision_data.dense_targets`). ``decoder_dim`` C; expert ranks ``r``, ``r + rank_step``, …
     (``num_experts`` of them), ``top_k`` active; ``task_r`` the task expert's rank r_s; ``kernel_size`` of
-    the experts' down conv and the generic conv; ``modules_per_scale`` MLoRE modules stacked per scale;
+    the experts' down conv and the generic conv; ``modules_per_scale`` MLoRE modules stacked per scale (0: none,
+    the baseline of per-task heads on the projected, fused taps);
     ``image_size`` the (square) input side, fixed by the routers' spatial pooling; ``router_aux_loss_coef`` β.
     """
 
@@ -394,6 +398,7 @@ class MLoREConfig(AdapterConfig):
     router_aux_loss_coef: float = 3e-4
 
     method: ClassVar[str] = "mlore"
+    modality: ClassVar[str] = "dense"  # a decoder for dense prediction: compared in its own chapter
     card = MethodCard(
         title="MLoRE", paper="Yang et al., CVPR 2024", arxiv="2403.17749", date="2024-03",
         idea=r"a multi-task dense-prediction decoder: low-rank conv experts routed per image and task, plus a "
@@ -409,8 +414,10 @@ class MLoREConfig(AdapterConfig):
     def __post_init__(self) -> None:
         require_positive_ints(decoder_dim=self.decoder_dim, r=self.r, num_experts=self.num_experts,
                               top_k=self.top_k, task_r=self.task_r, kernel_size=self.kernel_size,
-                              modules_per_scale=self.modules_per_scale, image_size=self.image_size,
-                              head_upsample=self.head_upsample)
+                              image_size=self.image_size, head_upsample=self.head_upsample)
+        if not isinstance(self.modules_per_scale, int) or self.modules_per_scale < 0:
+            raise ValueError(f"modules_per_scale must be a non-negative integer (0: no MLoRE module, the "
+                             f"projections, scale fusion and task heads alone), got {self.modules_per_scale!r}")
         if not isinstance(self.rank_step, int) or self.rank_step < 0:
             raise ValueError(f"rank_step must be a non-negative integer, got {self.rank_step!r}")
         if self.top_k > self.num_experts:
@@ -575,3 +582,44 @@ class MLoREModel(AdapterModel):
 
 
 MLoREConfig.model_class = MLoREModel  # get_adapter_model builds the backbone with its decoder
+
+
+# --- read-outs of a (trained) model -------------------------------------------------------------------------
+
+def last_gates(model: MLoREModel) -> dict[str, Tensor]:
+    """The (B, N) expert weights w of every route ("scales.s.j/task") of the model's last forward, 0 off each
+    image's top k (as the module mixed its experts: un-renormalised unless ``pre_softmax``)."""
+    config = model.adapter_config
+    return {r.layer: torch.zeros_like(r.probs).scatter(-1, r.selected, config._weights(r.probs, r.selected))
+            for r in model.context.routes}
+
+
+@torch.no_grad()
+def reparameterization_gap(model: MLoREModel, pixel_values: Tensor) -> dict[str, float]:
+    """How far the re-parameterised forward is from the multi-path one on these images, in eval mode: for
+    every module and task (its route's name), max |Y_multi-path − Y_reparam| of the module's output on the
+    input it receives in the model (its three paths against one grouped conv per image, :meth:`MLoREModule.fused`),
+    and for every task ("output/<task>") max |Y − Y_merged| of the model's predictions (:meth:`MLoREModel.merge`).
+    The model is left unmerged, in the mode it was in."""
+    was_training, inputs = model.training, []
+    model.eval()
+    hooks = [m.register_forward_hook(lambda m, args, out, name=name: inputs.append((name, m, *args)))
+             for name, m in model.mlore_modules().items()]
+    try:
+        before = model(pixel_values)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    gaps = {}
+    try:
+        for name, module, x, task in inputs:
+            multi = module(x, task)[0]
+            module.reparameterized = True
+            gaps[f"{name}/{task}"] = float((module(x, task)[0] - multi).abs().max())  # the route's name
+            module.reparameterized = False
+        model.merge()
+        after = model(pixel_values)
+    finally:
+        model.unmerge()
+        model.train(was_training)
+    return gaps | {f"output/{t}": float((before[t] - after[t]).abs().max()) for t in before}
