@@ -188,18 +188,21 @@ def _profiled_step(trainer: Trainer, batches: Any) -> dict[str, float]:
             for e in prof.key_averages()}
 
 
-def interleaved(models: dict[str, nn.Module], batch: dict[str, torch.Tensor], steps: int,
+def interleaved(models: dict[str, nn.Module], batch: dict[str, torch.Tensor] | None, steps: int,
                 device: torch.device, protocol: str = "encoder", warmup: int = 2,
-                precision: str = "fp32", profile: Sequence[str] = ()) -> Interleaved:
+                precision: str = "fp32", profile: Sequence[str] = (), task: EncodedTask | None = None) -> Interleaved:
     """Real optimizer steps of every setup (the package's Trainer, each method's hooks included), taken
     round-robin: round i runs one step of each setup, the order rotated by one each round, so that no
     setup always runs first or right after a given other one. ``warmup`` rounds are not timed; one more
     round measures memory (:func:`_metered_step`), untimed, and the setups named in ``profile`` run one
-    step more under the profiler (where their time goes, by operator)."""
-    config = TrainConfig(lr=1e-4, max_steps=steps + warmup + 2, batch_size=len(batch["labels"]), warmup_ratio=0.0,
+    step more under the profiler (where their time goes, by operator). Every step trains on the text
+    ``batch`` (under ``protocol``), or on all the examples of ``task`` (an image or vision-language task,
+    as :func:`lorafam_nb.experiment.encode_task` gives it) as one batch."""
+    task = task if task is not None else _task_of(batch, protocol)
+    config = TrainConfig(lr=1e-4, max_steps=steps + warmup + 2, batch_size=len(task), warmup_ratio=0.0,
                          schedule="constant", max_grad_norm=None, device=str(device), precision=precision,
                          progress=False)
-    trainers = {name: Trainer(model, _task_of(batch, protocol), config) for name, model in models.items()}
+    trainers = {name: Trainer(model, task, config) for name, model in models.items()}
     batches = {}
     for name, trainer in trainers.items():
         trainer.model.train()
