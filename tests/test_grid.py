@@ -228,14 +228,14 @@ def test_hub_model_shapes_come_from_its_config_alone(tmp_path):
 
 
 def test_grid_and_bench_name_no_method():
-    """Method knowledge lives on the configs: neither module names a method, its config or its settings
-    (LoRA excepted: its rank-r count is the budget every method is matched to)."""
+    """Method knowledge lives on the configs: neither the grids nor the benchmark names a method, its config or
+    its settings (LoRA excepted: its rank-r count is the budget every method is matched to)."""
     import ast
     import inspect
     import re
 
-    from lorafam_nb import bench
-    for module in (grid, bench):
+    from lorafam_nb import bench, modal_grid
+    for module in (grid, bench, modal_grid):
         source = inspect.getsource(module)
         words = set(re.findall(r"\w+", source))
         strings = [n.value for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Constant) and isinstance(n.value, str)]

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from ..core import AdapterConfig, AdapterContext, AdapterLayer, AdapterModel, AdapterScope, MethodCard, Route, \
     Site, require_positive_ints, site_of, target_module_names
-from .layers import PATHS, MoELoRALinear, PooledLoadBalance, mixture_budget_candidates, mixture_budget_order
+from .layers import PATHS, MixtureBudget, MoELoRALinear, PooledLoadBalance
 from .routers import Routing, TopKRouter, router_dtype
 
 __all__ = ["GATE_KEY", "OctaviusConfig", "OctaviusEmbedding", "OctaviusGate", "OctaviusLinear", "gate_of",
@@ -155,7 +155,7 @@ class OctaviusLinear(MoELoRALinear):
 
 
 @dataclass
-class OctaviusConfig(PooledLoadBalance, AdapterConfig):
+class OctaviusConfig(MixtureBudget, PooledLoadBalance, AdapterConfig):
     """Octavius's hyperparameters: ``num_experts`` E, ``top_k`` k of them per sample, the experts' rank ``r``,
     ``lora_alpha`` (scale α/r), ``lora_dropout``; ``target_modules`` the linears that get the experts;
     ``gate_init_std`` (W_g ~ N(0, std²)), ``init_a`` (``"octavius"``/``"lora"``, see the module),
@@ -235,14 +235,6 @@ class OctaviusConfig(PooledLoadBalance, AdapterConfig):
     def num_parameters(self, d_in: int, d_out: int) -> int:
         """The experts on one adapted d_out × d_in linear: E r (d_in + d_out)."""
         return self.num_experts * self.r * (d_in + d_out)
-
-    @classmethod
-    def budget_candidates(cls, sites: list[Site]) -> list[dict[str, int]]:
-        return mixture_budget_candidates(cls)
-
-    @classmethod
-    def budget_order(cls, values: dict[str, int], count: int, target: int) -> tuple[float, ...]:
-        return mixture_budget_order(cls, values, count, target)
 
 
 def gate_of(model: AdapterModel) -> OctaviusGate:
