@@ -54,7 +54,8 @@ _LAZY_NAMES = {"Trainer": "trainer", "TrainConfig": "trainer", "Callback": "trai
                "MOELoRAConfig": "moe.moelora_mt", "MoAConfig": "moe.moa", "PESCConfig": "moe.pesc",
                "AdaMixConfig": "moe.adamix", "PolytroponConfig": "moe.polytropon", "SiRAConfig": "moe.sira",
                "MoLEConfig": "moe.mole", "MosaConfig": "moe.mosa",
-               "MLoREConfig": "moe.mlore"}
+               "MLoREConfig": "moe.mlore", "MoELLaVAConfig": "moe.moe_llava",
+               "LLaVAMoLEConfig": "moe.llava_mole"}
 
 
 def __getattr__(name: str) -> Any:

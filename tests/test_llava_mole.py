@@ -338,3 +338,40 @@ def test_smollm2_inject_forward_backward():
     router = model.model.model.layers[0].mlp.router
     assert router.weight.grad.abs().sum() > 0 and router.bias.grad.abs().sum() > 0
     assert all(int(s.tokens.sum()) == int(mask.sum()) for s in model.recorder.layers.values())
+
+
+def test_registered_as_a_multimodal_method():
+    from lorafam_nb.registry import METHODS
+
+    assert METHODS["llava_mole"] is LLaVAMoLEConfig
+    assert LLaVAMoLEConfig.modality == "multimodal" and "card" in LLaVAMoLEConfig.__dict__
+    assert LLaVAMoLEConfig.card.bibkey == "chen2024llavamole" and LLaVAMoLEConfig.card.chapter == "llava_mole"
+
+
+def _card_formula(config: LLaVAMoLEConfig, d_in: int, d_out: int) -> int:
+    """The card's ``params`` (K r (d_in + d_out), in LaTeX) evaluated with the config's K and r."""
+    expr = config.card.params.replace(r"\,", "*").replace("d_{in}", "d_in").replace("d_{out}", "d_out")
+    expr = expr.replace("r(", "r*(")
+    return eval(expr, {"__builtins__": {}}, {"K": config.num_experts, "r": config.r, "d_in": d_in, "d_out": d_out})
+
+
+@pytest.mark.parametrize(("d", "d_ff", "r", "k"), [(32, 64, 4, 3), (24, 40, 3, 2)])
+def test_card_parameter_formula_matches_a_real_ffn_layer(d, d_ff, r, k):
+    """The overview's formula checks build text models only: here the card's per-FFN-linear count against what
+    a real Llama FFN's experts train, and the note's router and attention terms against the whole model."""
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=d, intermediate_size=d_ff, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    config = LLaVAMoLEConfig(r=r, lora_alpha=2 * r, num_experts=k)
+    model = get_adapter_model(llama, config)
+    layer = model.model.model.layers[0].mlp
+    assert isinstance(layer, LLaVAMoLEFFN)
+    for name, (d_in, d_out) in {"gate": (d, d_ff), "up": (d, d_ff), "down": (d_ff, d)}.items():
+        trained = sum(p.numel() for p in layer.experts[name].parameters() if p.requires_grad)
+        assert trained == _card_formula(config, d_in, d_out) == config.num_parameters(d_in, d_out)
+    router = sum(p.numel() for p in layer.router.parameters())
+    assert router == k * (d + 1)  # the card's note: K (d + 1) per layer
+    ffn = sum(p.numel() for p in layer.parameters() if p.requires_grad)
+    assert ffn == 2 * _card_formula(config, d, d_ff) + _card_formula(config, d_ff, d) + router
+    attention = 4 * r * (d + d)  # the note: r (d_in + d_out) per attention linear
+    assert count_parameters(model)[0] == ffn + attention

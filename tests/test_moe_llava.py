@@ -1,10 +1,12 @@
 """MoE-LLaVA (Lin et al., 2024), stage III: the upcycled model against the dense one (tiny Llama and BERT in
 float64, and the real SmolLM2-135M), the MoE block against the equations written out token by token, the
 capacity queue, the Gumbel-sampled second expert, the Switch balance loss by hand, what stage III trains,
-placement on every other layer, routing records (split by modality), the closed-form count and bad configs."""
+placement on every other layer, routing records (split by modality), first-choice counts, the closed-form count
+(and the card's formula) against real layers, registration and bad configs."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -15,10 +17,10 @@ from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 
 from conftest import tiny_bert
 from lorafam_nb import get_adapter_model
-from lorafam_nb.core import AdapterModel, count_parameters
+from lorafam_nb.core import METHODS, AdapterConfig, AdapterModel, count_parameters
 from lorafam_nb.models import ModelNotAvailableError, load_model, model_path
 from lorafam_nb.moe.losses import switch_load_balance
-from lorafam_nb.moe.moe_llava import MoELLaVAConfig, MoELLaVAFFN, modality_load, top2_gating
+from lorafam_nb.moe.moe_llava import MoELLaVAConfig, MoELLaVAFFN, first_choice_counts, modality_load, top2_gating
 
 E, D, D_FF = 4, 32, 64
 
@@ -175,6 +177,21 @@ def test_smollm2_upcycled_equals_dense():
 
 
 # --- the MoE block against the equations ------------------------------------------------------------
+def test_expert_gradients_equal_those_of_the_mixture_written_out():
+    """The layer reads each expert's weights through one ``unbind`` per stack: the gradients of the stacked
+    experts and of the router equal those of the per-token mixture written with plain indexing."""
+    _, model = upcycled(layers=1, drop_tokens=False)
+    layer = next(iter(spread(model, expert_std=0.3).eval().adapter_layers().values()))
+    x = torch.randn(11, D, dtype=torch.float64)
+    w = torch.randn(11, D, dtype=torch.float64)
+    params = [layer.experts.gate_proj, layer.experts.up_proj, layer.experts.down_proj, layer.router.weight]
+    got = torch.autograd.grad((layer(x) * w).sum(), params)
+    want = torch.autograd.grad((block_by_hand(layer, x) * w).sum(), params)
+    for g, h in zip(got, want):
+        torch.testing.assert_close(g, h, atol=1e-12, rtol=0)
+    assert all(float(g.abs().sum()) > 0 for g in got)
+
+
 def test_block_equals_top2_mixture_written_out_per_token():
     """Eval (no sampling): e_1, e_2 = top-2 of p, gates renormalised over the pair; experts that differ."""
     _, model = upcycled(layers=1, drop_tokens=False)
@@ -369,6 +386,68 @@ def test_routing_is_recorded_per_moe_layer_and_split_by_modality():
     assert all(float(v.sum()) == pytest.approx(1) for shares in load.values() for v in shares.values())
     with pytest.raises(ValueError, match="image_mask has 6 entries"):
         model(input_ids=ids, attention_mask=mask, image_mask=image[:, :2])
+
+
+def test_first_choice_counts_are_the_argmax_of_p_per_layer_and_modality():
+    """After a forward: each layer's count of e_1 = argmax p over its real tokens, split by the image_mask (the
+    f_e of the balance loss, times T); without a mask, one count per layer."""
+    _, model = upcycled(layers=3, drop_tokens=False)
+    spread(model).train()
+    inputs = layer_inputs(model)
+    ids, mask = batch()
+    image = torch.zeros_like(ids)
+    image[:, -4:] = 1
+    model(input_ids=ids, attention_mask=mask, image_mask=image)
+    counts = first_choice_counts(model)
+    keep = mask.reshape(-1).bool()
+    flags = image.reshape(-1).bool()[keep]
+    assert sorted(counts) == sorted(f"model.layers.{i}.mlp[{m}]" for i in (0, 2) for m in ("text", "image"))
+    for name, layer in model.adapter_layers().items():
+        x = inputs[name][0].reshape(-1, D)[keep]
+        first = torch.softmax(x @ layer.router.weight.T, -1).argmax(-1)
+        for modality, part in (("text", ~flags), ("image", flags)):
+            assert counts[f"{name}[{modality}]"].tolist() == torch.bincount(first[part], minlength=E).tolist()
+        f = (counts[f"{name}[text]"] + counts[f"{name}[image]"]).double() / keep.sum()
+        p = torch.softmax(x @ layer.router.weight.T, -1)
+        torch.testing.assert_close(E * (f * p.mean(0)).sum(), switch_load_balance(p, first[:, None]))
+    model(input_ids=ids, attention_mask=mask)
+    plain = first_choice_counts(model)
+    assert sorted(plain) == ["model.layers.0.mlp", "model.layers.2.mlp"]
+    assert all(int(c.sum()) == int(mask.sum()) for c in plain.values())
+
+
+def test_card_formula_equals_the_trainable_count_of_real_layers():
+    """The card's E(3 d d_ff + d), read as the book's overview reads card formulas, against the parameters an
+    upcycled block really trains: a tiny Llama's, and SmolLM2-135M's shapes on the meta device."""
+    from test_overview import latex_to_python
+
+    card = MoELLaVAConfig.card
+
+    def formula(config: MoELLaVAConfig, d: int, d_ff: int) -> int:
+        return eval(latex_to_python(card.params), {"__builtins__": {}},  # noqa: S307 (our own string)
+                    {"E": config.num_experts, "d": d, "d_ff": d_ff})
+
+    models = [(tiny_llama(3), D, D_FF)]
+    try:
+        cfg = AutoConfig.from_pretrained(model_path("smollm2-135m"), local_files_only=True)
+        with torch.device("meta"):
+            models.append((LlamaForCausalLM(cfg), cfg.hidden_size, cfg.intermediate_size))
+    except ModelNotAvailableError:
+        pass
+    for base, d, d_ff in models:
+        for experts in (1, 4):  # E = 1, top-1: the dense FFN trained as one copy (the chapter's dense arm)
+            config = MoELLaVAConfig(num_experts=experts, top_k=min(experts, 2), moe_layers_idx=[0, 2])
+            layers = get_adapter_model(copy.deepcopy(base), config).adapter_layers()
+            assert len(layers) == 2
+            for layer in layers.values():
+                trainable = sum(p.numel() for p in layer.parameters() if p.requires_grad)
+                assert trainable == formula(config, d, d_ff) == config.block_parameters(d, d_ff)
+
+
+def test_registered_as_a_multimodal_method_and_rebuilt_from_json():
+    assert METHODS["moe_llava"] is MoELLaVAConfig and MoELLaVAConfig.modality == "multimodal"
+    config = MoELLaVAConfig(num_experts=3, moe_layers_idx=[0, 4], router_aux_loss_coef=0.0, train_modules=["router"])
+    assert AdapterConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
 
 def test_adapter_state_round_trip():

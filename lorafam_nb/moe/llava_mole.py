@@ -41,6 +41,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
@@ -48,6 +50,7 @@ from ..core import AdapterConfig, AdapterContext, AdapterLayer, AdapterScope, Me
     require_positive_ints
 from ..lora import LoRALinear
 from ..models import FeedForward
+from ..registry import register_method
 from .experts import Dispatch
 from .layers import PATHS, MixtureBudget
 from .mixlora import MixLoraConfig, MixLoRAFFN
@@ -139,6 +142,7 @@ def mole_balance(routes: list[Route]) -> Tensor:
     return per_row.mean()
 
 
+@register_method
 @dataclass
 class LLaVAMoLEConfig(MixtureBudget, AdapterConfig):
     """LLaVA-MoLE's hyperparameters: ``num_experts`` K, ``top_k`` (1: the paper), the experts' and attention
@@ -161,6 +165,7 @@ class LLaVAMoLEConfig(MixtureBudget, AdapterConfig):
     path: str = "dense"
 
     method = "llava_mole"
+    modality: ClassVar[str] = "multimodal"
     card = MethodCard(
         title="LLaVA-MoLE", paper="Chen et al., arXiv 2024", arxiv="2401.16160", date="2024-01",
         idea=r"the FFN's LoRA becomes $K$ experts; a per-layer router sends each token to one expert, whose "

@@ -65,11 +65,11 @@ then records its routing under ``<layer>[image]`` and ``<layer>[text]`` instead 
 recorder's load matrix splits expert load by modality (:func:`modality_load`). A LLaVA-style model knows the
 mask when it splices the projected patches into ``inputs_embeds``: 1 at those positions, 0 at text and padding.
 Each forward's :class:`~lorafam_nb.core.Route` of a layer keeps the first choice in column 0 of ``selected``
-(-1 if dropped), for the top-1 loads f_e that the balance loss sees.
+(-1 if dropped); :func:`first_choice_counts` counts a forward pass's first choices before capacity (the argmax
+of p: the top-1 loads f_e that the balance loss sees), split by modality.
 
-Not registered with :func:`~lorafam_nb.core.register_method` yet: once registered, the registry-wide tests
-and the experiments grid iterate it, an integration step of its own (JSON round trips through
-``AdapterConfig.from_dict`` need it).
+Registered (:func:`~lorafam_nb.core.register_method`) as a ``"multimodal"`` method: it is compared on the toy
+vision-language model of :mod:`lorafam_nb.vlm`, in its own chapter, not in the text grid.
 """
 from __future__ import annotations
 
@@ -81,14 +81,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import (AdapterConfig, AdapterLayer, AdapterScope, MethodCard, Route, RoutingRecorder, Site,
-                    require_positive_ints)
+from ..core import (AdapterConfig, AdapterLayer, AdapterModel, AdapterScope, MethodCard, Route, RoutingRecorder,
+                    Site, register_method, require_positive_ints)
 from ..models import FeedForward, ffn_blocks
 from .losses import switch_load_balance
 from .routers import TopKRouter, router_dtype, softmax
 
-__all__ = ["MODALITIES", "MOE_MODES", "FFNExperts", "Gating", "MoELLaVAConfig", "MoELLaVAFFN", "moe_layer_indices",
-           "modality_load", "top2_gating"]
+__all__ = ["MODALITIES", "MOE_MODES", "FFNExperts", "Gating", "MoELLaVAConfig", "MoELLaVAFFN", "first_choice_counts",
+           "moe_layer_indices", "modality_load", "top2_gating"]
 
 MOE_MODES = ("sparse", "dense", "first_half", "second_half")
 MODALITIES = ("text", "image")  # the image_mask's 0 and 1
@@ -184,15 +184,27 @@ class FFNExperts(nn.Module):
                     tensor.detach().unsqueeze(0).repeat(num_experts, *[1] * tensor.dim()))
                 self.register_parameter(name, copies)
 
-    def linear(self, part: str, e: int, x: Tensor) -> Tensor:
-        bias = getattr(self, f"{part}_bias")
-        return F.linear(x, getattr(self, f"{part}_proj")[e], None if bias is None else bias[e])
+    def unbound(self) -> list[dict[str, Tensor | None]]:
+        """Each expert's tensors, ``{"<part>_proj": W, "<part>_bias": b or None}``, as views of the stacks. One
+        ``unbind`` per stack: its backward stacks the E slices' gradients once, where indexing expert by expert
+        would zero-fill a full-size (E, ·, ·) gradient per expert and part (on a CPU, more time than the
+        experts' matmuls). Same values and gradients either way."""
+        names = [f"{part}_{kind}" for part in self.PARTS for kind in ("proj", "bias")]
+        stacks = {n: getattr(self, n) for n in names}
+        views = {n: (None,) * self.num_experts if t is None else t.unbind(0) for n, t in stacks.items()}
+        return [{n: views[n][e] for n in names} for e in range(self.num_experts)]
 
-    def expert(self, e: int, x: Tensor, act: nn.Module) -> Tensor:
-        """FFN_e(x): ``down(act(gate x) ⊙ up x)`` (gated) or ``down(act(up x))``, with expert e's weights."""
-        up = self.linear("up", e, x)
-        inner = act(self.linear("gate", e, x)) * up if self.gate_proj is not None else act(up)
-        return self.linear("down", e, inner)
+    def linear(self, part: str, e: int, x: Tensor, weights: list[dict[str, Tensor | None]] | None = None) -> Tensor:
+        w = (weights or self.unbound())[e]
+        return F.linear(x, w[f"{part}_proj"], w[f"{part}_bias"])
+
+    def expert(self, e: int, x: Tensor, act: nn.Module, weights: list[dict[str, Tensor | None]] | None = None) -> Tensor:
+        """FFN_e(x): ``down(act(gate x) ⊙ up x)`` (gated) or ``down(act(up x))``, with expert e's weights
+        (``weights``: :meth:`unbound`'s views, taken once per forward)."""
+        weights = weights or self.unbound()
+        up = self.linear("up", e, x, weights)
+        inner = act(self.linear("gate", e, x, weights)) * up if self.gate_proj is not None else act(up)
+        return self.linear("down", e, inner, weights)
 
     def extra_repr(self) -> str:
         E, d, d_ff = self.down_proj.shape
@@ -236,14 +248,14 @@ class MoELLaVAFFN(AdapterLayer):
         gating = self.gate(flat, real)
         self.report(gating, x, real)
         out = flat.new_zeros(flat.shape[0], self.experts.down_proj.shape[1])
-        act = self.base_layer.act
+        act, weights = self.base_layer.act, self.experts.unbound()
         for e in range(self.experts.num_experts):
             # Expert e's tokens (chosen and kept) and its gate on each; a token holds e at most once.
             hit = (gating.chosen == e) & gating.kept
             weight = (gating.weights * hit).sum(-1)
             tokens = hit.any(-1).nonzero().squeeze(1)
             if tokens.numel():
-                y = self.experts.expert(e, flat[tokens], act)
+                y = self.experts.expert(e, flat[tokens], act, weights)
                 out = out.index_add(0, tokens, y * weight[tokens, None].to(y.dtype))
         return out.view(*x.shape[:-1], -1)
 
@@ -296,6 +308,35 @@ def modality_load(recorder: RoutingRecorder) -> dict[str, dict[str, Tensor]]:
     return out
 
 
+def first_choice_counts(model: AdapterModel) -> dict[str, Tensor]:
+    """How many real tokens of ``model``'s last forward pass chose each expert *first*, per MoE layer: (E,) counts
+    of e_1 = argmax_e p_e before capacity, the counts behind f_e of the balance loss (the recorder counts both
+    choices, after capacity). Keys as the recorder's: ``<layer>[text]`` and ``<layer>[image]`` when the forward
+    carried an ``image_mask``, else ``<layer>``. Read from the forward's routes, so call it after every forward
+    that should count (a forward hook on the model)."""
+    ctx = model.context
+    image = ctx.side.get("image_mask")
+    if image is not None:
+        image = torch.as_tensor(image).reshape(-1).bool()
+        mask = ctx.token_mask
+        if mask is not None and mask.numel() == image.numel():  # the routes keep the real tokens only
+            image = image[mask.reshape(-1).to(image.device).bool()]
+    out: dict[str, Tensor] = {}
+    for route in ctx.routes:
+        first = route.probs.detach().argmax(-1)
+        E = route.probs.shape[-1]
+        if image is None:
+            out[route.layer] = torch.bincount(first, minlength=E)
+            continue
+        if image.numel() != first.numel():
+            raise ValueError(f"image_mask marks {image.numel()} real tokens but {route.layer} routed {first.numel()}")
+        flags = image.to(first.device)
+        for name, part in zip(MODALITIES, (~flags, flags)):
+            out[f"{route.layer}[{name}]"] = torch.bincount(first[part], minlength=E)
+    return out
+
+
+@register_method
 @dataclass
 class MoELLaVAConfig(AdapterConfig):
     """MoE-tuning (stage III) of MoE-LLaVA, the authors' names: ``num_experts`` E (4), ``top_k`` k (2),
@@ -306,7 +347,7 @@ class MoELLaVAConfig(AdapterConfig):
 
     ``train_modules``: what stage III trains, a subset of ``["experts", "router"]`` (both: the paper); every
     other parameter of the model is frozen. ``target_modules`` is not used: the sites are the FFN blocks
-    (:func:`~lorafam_nb.models.ffn_blocks`) of the layers in 𝓜. Not registered yet (see the module docstring).
+    (:func:`~lorafam_nb.models.ffn_blocks`) of the layers in 𝓜.
     """
 
     num_experts: int = 4
@@ -324,6 +365,7 @@ class MoELLaVAConfig(AdapterConfig):
 
     method = "moe_llava"
     side_inputs: ClassVar[tuple[str, ...]] = ("image_mask",)
+    modality: ClassVar[str] = "multimodal"  # compared on the toy VLM in its chapter, not in the text grid
     budget_knob: ClassVar[str] = "num_experts"
     card = MethodCard(
         title="MoE-LLaVA", paper="Lin et al., 2024", arxiv="2401.15947", date="2024-01",
