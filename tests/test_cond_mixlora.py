@@ -290,3 +290,27 @@ def test_clear_errors():
     assert CondMixLoraConfig.budget_candidates(sites)[0] == {"num_factors": 4}
     sized = CondMixLoraConfig.sized(8, "all-linear")
     assert sized.num_factors == 8 and sized.lora_alpha == 16.0  # α = 2E, the authors' scripts
+
+
+def test_registered_multimodal_with_its_card_formula_on_real_shapes():
+    """Registered by name as a multimodal method; the card's E(d_in + d_out), read as the overview reads card
+    formulas, equals what a real layer trains at SmolLM2's shapes (the overview checks text methods only)."""
+    from test_overview import latex_to_python
+
+    from lorafam_nb.core import AdapterConfig
+    from lorafam_nb.registry import METHODS
+
+    assert METHODS["cond_mixlora"] is CondMixLoraConfig and CondMixLoraConfig.modality == "multimodal"
+    assert CondMixLoraConfig.card.chapter == "cond_mixlora" and CondMixLoraConfig.card.bibkey == "shen2024multimodal"
+    cfg = CondMixLoraConfig(r=4, num_factors=16, cond_type="input_lora_a_param")
+    assert AdapterConfig.from_dict(cfg.to_dict()) == cfg
+    for d_in, d_out in ((576, 576), (576, 192), (1536, 576)):  # SmolLM2-135M: q/o, k/v, down
+        host = nn.Sequential(nn.Linear(d_in, d_out, bias=False)).requires_grad_(False)
+        for router_training in ("frozen", "scored"):
+            config = CondMixLoraConfig(r=4, num_factors=16, router_training=router_training)
+            layer = config.build_layer(site_of(host, "0"), AdapterScope())
+            trained = sum(p.numel() for p in layer.parameters() if p.requires_grad)
+            card = eval(latex_to_python(config.card.params), {"__builtins__": {}},  # noqa: S307 (our own string)
+                        {"E": config.num_factors, "d_in": d_in, "d_out": d_out})
+            assert trained == config.num_parameters(d_in, d_out)
+            assert trained - card == (config.router_parameters(d_in) if router_training == "scored" else 0)

@@ -48,7 +48,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..core import AdapterConfig, AdapterLayer, AdapterScope, MethodCard, Site, require_positive_ints
+from ..core import AdapterConfig, AdapterLayer, AdapterScope, MethodCard, Site, register_method, require_positive_ints
 from .routers import Routing, TopKRouter, router_dtype, softmax, top_k
 
 __all__ = ["COND_TYPES", "ROUTER_TRAINING", "CondMixLoRALinear", "CondMixLoraConfig"]
@@ -187,6 +187,7 @@ class CondMixLoRALinear(AdapterLayer):
                 f"router_training={self.router_training}")
 
 
+@register_method
 @dataclass
 class CondMixLoraConfig(AdapterConfig):
     """Conditional MixLoRA (peft-style names; the authors' in brackets): ``r`` the rank each instance gets, i.e.
@@ -206,6 +207,7 @@ class CondMixLoraConfig(AdapterConfig):
     mask_padding: bool = True
 
     method = "cond_mixlora"
+    modality: ClassVar[str] = "multimodal"  # its chapter and comparison run on the toy VLM
     # The pool size sets the trainable count (E(d_in + d_out) with frozen routers, whatever r); sized() then gives
     # α = 2 × knob = 2E, the scripts' choice.
     budget_knob: ClassVar[str] = "num_factors"
