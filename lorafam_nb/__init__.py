@@ -55,7 +55,8 @@ _LAZY_NAMES = {"Trainer": "trainer", "TrainConfig": "trainer", "Callback": "trai
                "AdaMixConfig": "moe.adamix", "PolytroponConfig": "moe.polytropon", "SiRAConfig": "moe.sira",
                "MoLEConfig": "moe.mole", "MosaConfig": "moe.mosa",
                "MLoREConfig": "moe.mlore", "MoELLaVAConfig": "moe.moe_llava",
-               "LLaVAMoLEConfig": "moe.llava_mole", "CondMixLoraConfig": "moe.cond_mixlora"}
+               "LLaVAMoLEConfig": "moe.llava_mole", "CondMixLoraConfig": "moe.cond_mixlora",
+               "OctaviusConfig": "moe.octavius", "MoCLEConfig": "moe.mocle"}
 
 
 def __getattr__(name: str) -> Any:

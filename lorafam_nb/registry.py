@@ -26,7 +26,8 @@ METHOD_MODULES: tuple[str, ...] = (
     "lora", "lora_plus", "rslora", "vera", "lora_fa", "lora_drop", "adalora", "dora", "delta_lora", "plora",
     "qlora", "moe.mixlora", "moe.loramoe", "moe.mola", "moe.moral", "moe.moelora_cl", "moe.moelora_mt", "moe.moa",
     "moe.pesc", "moe.adamix", "moe.polytropon", "moe.sira", "moe.mole", "moe.mosa", "moe.mlore",
-    "moe.moe_llava", "moe.llava_mole", "moe.cond_mixlora",
+    "moe.moe_llava", "moe.llava_mole", "moe.cond_mixlora", "moe.octavius",
+    "moe.mocle",
 )
 # Modules that register tasks, protocols and models beyond the text core (the vision tasks, the toy
 # vision-language model), imported when a name is not found. Kept out of the text core, like the methods, so

@@ -1,7 +1,8 @@
 """MoCLE: the layer against the sheet's equation by hand (per-sample route, universal mix, λ(g) = g or g²),
 the frozen model at init, gradients (exactly the trained parameters; none through the argmax), one route per
 sample, the offline clustering (k-means on blobs, MiniLM on real instructions), the random-routing arm,
-the closed-form count, save/load, the data pipeline's ``cluster_id`` and invalid input."""
+the closed-form count, save/load, the data pipeline's ``cluster_id``, invalid input, the registration and
+the card's formula against the linears of a real Llama."""
 from __future__ import annotations
 
 import time
@@ -387,3 +388,39 @@ def test_random_cluster_ids_are_a_seeded_partition():
     a, b = random_cluster_ids(50, 4, seed=1), random_cluster_ids(50, 4, seed=1)
     assert torch.equal(a, b) and a.min() >= 0 and a.max() < 4 and a.unique().numel() == 4
     assert not torch.equal(a, random_cluster_ids(50, 4, seed=2))
+
+
+def test_registered_as_a_multimodal_method():
+    from lorafam_nb.registry import METHODS
+
+    assert METHODS["mocle"] is MoCLEConfig
+    assert MoCLEConfig.modality == "multimodal" and "card" in MoCLEConfig.__dict__
+    assert MoCLEConfig.card.bibkey == "gou2023mocle" and MoCLEConfig.card.chapter == "mocle"
+
+
+@pytest.mark.parametrize(("experts", "r", "clusters", "cluster_dim"), [(4, 4, 8, 384), (3, 2, 5, 16)])
+def test_card_formula_equals_the_trainable_count_of_real_layers(experts, r, clusters, cluster_dim):
+    """The card's (E+1) r (d_in + d_out) + C d_T + E (d_T + 1), read as the book's overview reads card formulas,
+    against what every linear of a tiny Llama (seven linears of four shapes) really trains."""
+    from test_overview import latex_to_python
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    config = MoCLEConfig(r=r, num_experts=experts, num_clusters=clusters, cluster_dim=cluster_dim,
+                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    model = get_adapter_model(llama, config)
+    layers = model.adapter_layers()
+    assert len(layers) == 7
+    shapes = set()
+    for layer in layers.values():
+        d_in, d_out = layer.base_layer.in_features, layer.base_layer.out_features
+        shapes.add((d_in, d_out))
+        card = eval(latex_to_python(MoCLEConfig.card.params), {"__builtins__": {}},  # noqa: S307 (our own string)
+                    {"E": experts, "r": r, "C": clusters, "d_T": cluster_dim, "d_in": d_in, "d_out": d_out})
+        trainable = sum(p.numel() for p in layer.parameters() if p.requires_grad)
+        assert trainable == card == config.num_parameters(d_in, d_out)
+    assert len(shapes) == 4  # q/o, k/v, gate/up, down
+    assert count_parameters(model)[0] == sum(sum(p.numel() for p in l.parameters() if p.requires_grad)
+                                             for l in layers.values())

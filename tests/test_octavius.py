@@ -308,3 +308,41 @@ def test_smollm2_inject_forward_backward():
     out.loss.backward()
     assert torch.isfinite(out.loss) and gate_of(model).router.weight.grad.abs().sum() > 0
     assert gate_of(model).routing.selected.shape == (2, 2)
+
+
+def test_registered_as_a_multimodal_method():
+    from lorafam_nb.registry import METHODS
+
+    assert METHODS["octavius"] is OctaviusConfig
+    assert OctaviusConfig.modality == "multimodal" and "card" in OctaviusConfig.__dict__
+    assert OctaviusConfig.card.bibkey == "chen2024octavius" and OctaviusConfig.card.chapter == "octavius"
+
+
+def _card_formula(config: OctaviusConfig, d_in: int, d_out: int) -> int:
+    """The card's ``params`` (E r (d_in + d_out), in LaTeX) evaluated with the config's E and r."""
+    expr = config.card.params.replace(r"\,", "*").replace("d_{in}", "d_in").replace("d_{out}", "d_out")
+    expr = expr.replace("r(", "r*(")
+    return eval(expr, {"__builtins__": {}}, {"E": config.num_experts, "r": config.r, "d_in": d_in, "d_out": d_out})
+
+
+@pytest.mark.parametrize(("d", "kv_heads", "r", "e"), [(32, 2, 4, 4), (24, 1, 3, 3)])
+def test_card_parameter_formula_matches_a_real_layer(d, kv_heads, r, e):
+    """The overview's formula checks build text models only: here the card's count per adapted linear against
+    what a real Llama attention linear's experts train, and the note's gate term E d against the whole model."""
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=d, intermediate_size=2 * d, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=kv_heads))
+    config = OctaviusConfig(r=r, lora_alpha=2 * r, num_experts=e, top_k=2)
+    model = get_adapter_model(llama, config)
+    attention = model.model.model.layers[0].self_attn
+    kv = d // 4 * kv_heads
+    total = 0
+    for name, (d_in, d_out) in {"q_proj": (d, d), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (d, d)}.items():
+        layer = getattr(attention, name)
+        assert isinstance(layer, OctaviusLinear)
+        trained = sum(p.numel() for p in layer.experts.parameters() if p.requires_grad)  # the gate is shared
+        assert trained == _card_formula(config, d_in, d_out) == config.num_parameters(d_in, d_out)
+        total += trained
+    gate = sum(p.numel() for p in gate_of(model).parameters())
+    assert gate == e * d  # the card's note: E d for the model's one gate
+    assert count_parameters(model)[0] == total + gate

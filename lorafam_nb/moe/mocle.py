@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import AdapterConfig, AdapterScope, MethodCard, Site, require_positive_ints
+from ..registry import register_method
 from .experts import LoRAExperts
 from .layers import PATHS, MixtureBudget, MoELoRALinear
 from .routers import Routing, TaskRouter, router_dtype, softmax
@@ -313,6 +314,7 @@ class MoCLELinear(MoELoRALinear):
 
 # --- the config -----------------------------------------------------------------------------------
 
+@register_method
 @dataclass
 class MoCLEConfig(MixtureBudget, AdapterConfig):
     """MoCLE's hyperparameters (the paper's defaults): expert rank ``r`` 8, ``lora_alpha`` α 32 (s = α/r = 4),
@@ -340,6 +342,7 @@ class MoCLEConfig(MixtureBudget, AdapterConfig):
     path: str = "dense"
 
     method: ClassVar[str] = "mocle"
+    modality: ClassVar[str] = "multimodal"  # compared on the toy vision-language model
     side_inputs: ClassVar[tuple[str, ...]] = ("cluster_ids",)
     card: ClassVar[MethodCard | None] = MethodCard(
         title="MoCLE", paper="Gou et al., 2023", arxiv="2312.12379", date="2023-12",
@@ -347,7 +350,7 @@ class MoCLEConfig(MixtureBudget, AdapterConfig):
              r"one of $E$ LoRA experts (top-1, weight $g$), mixed with an always-on universal LoRA (weight $1-g$)",
         trains=r"$A_e$, $B_e$ per expert, $A_u$, $B_u$; per layer a cluster table $T$ and gate $W_g$, $b_g$",
         frozen=r"$W_0$, the sentence encoder, the centroids", mergeable=False,
-        params=r"(E+1)\,r(d_{in}+d_{out})+C\,d_T+(d_T+1)E", chapter="mocle", bibkey="gou2023mocle",
+        params=r"(E+1)\,r(d_{in}+d_{out})+C\,d_T+E(d_T+1)", chapter="mocle", bibkey="gou2023mocle",
         params_note=r"$d_T=384$; the frozen MiniLM and the $C$ centroids are not counted",
         merge_note=r"the update depends on the sample's cluster: per cluster $\Delta W_c=s[g_cB_{e_c}A_{e_c}+"
                    r"(1-g_c)B_uA_u]$ (cluster_delta), not one weight",

@@ -43,12 +43,14 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from ..core import AdapterConfig, AdapterContext, AdapterLayer, AdapterModel, AdapterScope, MethodCard, Route, \
     Site, require_positive_ints, site_of, target_module_names
+from ..registry import register_method
 from .layers import PATHS, MixtureBudget, MoELoRALinear, PooledLoadBalance
 from .routers import Routing, TopKRouter, router_dtype
 
@@ -154,6 +156,7 @@ class OctaviusLinear(MoELoRALinear):
         return {k: v for k, v in super().adapter_state_dict().items() if not k.startswith("router.")}
 
 
+@register_method
 @dataclass
 class OctaviusConfig(MixtureBudget, PooledLoadBalance, AdapterConfig):
     """Octavius's hyperparameters: ``num_experts`` E, ``top_k`` k of them per sample, the experts' rank ``r``,
@@ -175,6 +178,7 @@ class OctaviusConfig(MixtureBudget, PooledLoadBalance, AdapterConfig):
 
     method = "octavius"
     side_inputs = ("instruction_mask",)
+    modality: ClassVar[str] = "multimodal"  # compared on the toy VLM in its chapter, not in the text grid
     card = MethodCard(
         title="Octavius", paper="Chen et al., ICLR 2024", arxiv="2311.02684", date="2023-11",
         idea=r"LoRA experts on the decoder's attention; one gate per model reads the mean word embedding of each "
