@@ -349,10 +349,11 @@ def test_registered_as_a_multimodal_method():
 
 
 def _card_formula(config: LLaVAMoLEConfig, d_in: int, d_out: int) -> int:
-    """The card's ``params`` (K r (d_in + d_out), in LaTeX) evaluated with the config's K and r."""
-    expr = config.card.params.replace(r"\,", "*").replace("d_{in}", "d_in").replace("d_{out}", "d_out")
-    expr = expr.replace("r(", "r*(")
-    return eval(expr, {"__builtins__": {}}, {"K": config.num_experts, "r": config.r, "d_in": d_in, "d_out": d_out})
+    """The card's ``params`` (K r (d_in + d_out), in LaTeX) read as the overview reads card formulas, with the config's K and r."""
+    from test_overview import latex_to_python
+
+    return eval(latex_to_python(config.card.params), {"__builtins__": {}},  # noqa: S307 (our own string)
+                {"K": config.num_experts, "r": config.r, "d_in": d_in, "d_out": d_out})
 
 
 @pytest.mark.parametrize(("d", "d_ff", "r", "k"), [(32, 64, 4, 3), (24, 40, 3, 2)])

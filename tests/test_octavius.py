@@ -319,10 +319,11 @@ def test_registered_as_a_multimodal_method():
 
 
 def _card_formula(config: OctaviusConfig, d_in: int, d_out: int) -> int:
-    """The card's ``params`` (E r (d_in + d_out), in LaTeX) evaluated with the config's E and r."""
-    expr = config.card.params.replace(r"\,", "*").replace("d_{in}", "d_in").replace("d_{out}", "d_out")
-    expr = expr.replace("r(", "r*(")
-    return eval(expr, {"__builtins__": {}}, {"E": config.num_experts, "r": config.r, "d_in": d_in, "d_out": d_out})
+    """The card's ``params`` (E r (d_in + d_out), in LaTeX) read as the overview reads card formulas, with the config's E and r."""
+    from test_overview import latex_to_python
+
+    return eval(latex_to_python(config.card.params), {"__builtins__": {}},  # noqa: S307 (our own string)
+                {"E": config.num_experts, "r": config.r, "d_in": d_in, "d_out": d_out})
 
 
 @pytest.mark.parametrize(("d", "kv_heads", "r", "e"), [(32, 2, 4, 4), (24, 1, 3, 3)])
