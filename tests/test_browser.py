@@ -1,7 +1,8 @@
 """The built book in a real browser, offline: headless Chromium (the Debian ``chromium`` package), with every
 host but this one unreachable, opens a few pages and checks that the bundled MathJax typeset the math (no
 raw TeX left in the visible text, no TeX errors), that every image loaded, and that the console shows no
-errors (a page that fetched anything from a CDN would log one).
+errors (a page that fetched anything from a CDN would log one); and, on every chapter, that no display
+formula is wider than the text column.
 
 Chromium is driven through its DevTools protocol over ``--remote-debugging-pipe`` (file descriptors 3 and
 4), so the test needs no client library and opens no port. Where Chromium is missing, the test installs it
@@ -53,6 +54,10 @@ PAGE_REPORT = r"""
     images: document.images.length,
     broken_images: Array.from(document.images).filter(img => !(img.complete && img.naturalWidth > 0))
                         .map(img => img.src.slice(-80)),
+    // display formulas wider than the article column: the reader would have to scroll them sideways
+    wide_math: Array.from(document.querySelectorAll('mjx-container[display="true"]'))
+                    .filter(m => m.scrollWidth > m.closest("article, main").clientWidth + 1)
+                    .map(m => `${m.scrollWidth} px: ${m.textContent.slice(0, 60)}`),
   };
 })()
 """
@@ -188,3 +193,14 @@ def test_page_renders_offline(chromium, built_book, browser, page):
     assert not report["tex_errors"], f"TeX errors: {report['tex_errors']}"
     assert not report["broken_images"], f"images that did not load: {report['broken_images']}"
     assert not errors, f"console errors: {errors}"
+
+
+# Every chapter, at the window size above: no display formula is wider than the text column.
+CHAPTERS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_display_math_fits_the_column(chapter, built_book, browser):
+    assert built_book.returncode == 0, built_book.log
+    report, _ = browser.open((built_book.html / "book" / "chapters" / f"{chapter}.html").as_uri())
+    assert not report["wide_math"], f"display math wider than the column: {report['wide_math']}"
